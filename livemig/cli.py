@@ -1,0 +1,325 @@
+"""`livemig` command line: vm (one VM process), migrate (drive two VMs over QMP), demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def parse_size(text: str) -> int:
+    """QEMU -m syntax: a number with optional K/M/G/T suffix; a bare number means MiB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size '{text}'")
+    num, unit = float(m.group(1)), (m.group(2) or "M").upper()
+    return int(num * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+def _need_kvm() -> None:
+    if not os.path.exists("/dev/kvm"):
+        print("livemig: /dev/kvm is not available on this host: KVM is needed to run a VM "
+              "(load the kvm module or run on a host with virtualization)", file=sys.stderr)
+        sys.exit(1)
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("livemig: no permission to open /dev/kvm (run as root or join the kvm group)", file=sys.stderr)
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- vm
+def cmd_vm(args: argparse.Namespace) -> int:
+    _need_kvm()
+    from .errors import MigrationError
+    from .guest.image import make_image
+    from .machine.vm import KvmMachine
+    from .monitor import VMProcess, install_signal_handlers
+
+    size = args.memory
+    if size % (2 << 20) or size < (2 << 20):
+        print(f"livemig: --memory must be a multiple of 2 MiB (got {size} bytes)", file=sys.stderr)
+        return 1
+    if args.boot_sector:
+        try:
+            image = Path(args.boot_sector).read_bytes()[:512]
+        except OSError as e:
+            print(f"livemig: cannot read boot sector '{args.boot_sector}': {e.strerror}", file=sys.stderr)
+            return 1
+        if len(image) < 512:
+            print(f"livemig: boot sector '{args.boot_sector}' is shorter than 512 bytes", file=sys.stderr)
+            return 1
+    else:
+        image = make_image(args.ws_mib, args.prefill)
+    holder: dict = {}
+
+    def fatal(msg: str) -> None:
+        if "proc" in holder:
+            holder["proc"].on_fatal(msg)
+
+    try:
+        machine = KvmMachine(size, args.serial, on_fatal=fatal)
+    except (MigrationError, OSError) as e:
+        print(f"livemig: cannot create the VM: {e}", file=sys.stderr)
+        return 1
+    if not args.incoming:
+        machine.load_boot_sector(image)
+    try:
+        proc = VMProcess(machine, args.qmp, incoming=args.incoming)
+    except (MigrationError, OSError) as e:
+        print(f"livemig: cannot serve QMP on {args.qmp}: {e}", file=sys.stderr)
+        return 1
+    holder["proc"] = proc
+    install_signal_handlers(proc)
+    try:
+        proc.start()
+    except Exception as e:  # a bad --incoming URI
+        print(f"livemig: {e}", file=sys.stderr)
+        return 1
+    proc.wait()
+    machine.close()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------- migrate
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: int | None,
+                  downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0) -> dict:
+    """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from .qmpclient import QMPClient
+
+    console = Console(stderr=True, quiet=quiet)
+    src, dst = QMPClient(src_addr), QMPClient(dst_addr)
+    caps = [{"capability": "events", "state": True}]
+    src.cmd("migrate-set-capabilities", capabilities=caps)
+    dst.cmd("migrate-set-capabilities", capabilities=caps)
+    params = {}
+    if max_bandwidth is not None:
+        params["max-bandwidth"] = max_bandwidth
+    if downtime_limit is not None:
+        params["downtime-limit"] = downtime_limit
+    if params:
+        src.cmd("migrate-set-parameters", **params)
+    uri = uri or f"tcp:127.0.0.1:{_free_port()}"
+    dst.cmd("migrate-incoming", uri=uri)
+    if uri.startswith("tcp:") and uri.endswith(":0"):
+        addr = dst.cmd("query-migrate")["socket-address"][0]
+        uri = f"tcp:{addr['host']}:{addr['port']}"
+    t0 = time.monotonic()
+    src.cmd("migrate", uri=uri)
+    info: dict = {}
+
+    def line(i: dict) -> Text:
+        ram = i.get("ram", {})
+        return Text(f"{i.get('status', '?'):>10}  pass {ram.get('dirty-sync-count', 0):>3}  "
+                    f"sent {_fmt_bytes(ram.get('transferred', 0)):>10}  "
+                    f"remaining {_fmt_bytes(ram.get('remaining', 0)):>10}  "
+                    f"{ram.get('mbps', 0):8.0f} Mbit/s  expected downtime {i.get('expected-downtime', '-')} ms")
+
+    try:
+        with Live(Text("starting"), console=console, refresh_per_second=10, transient=False) as live:
+            while True:
+                info = src.cmd("query-migrate")
+                live.update(line(info))
+                if info.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                if time.monotonic() - t0 > timeout:
+                    src.cmd("migrate_cancel")
+                time.sleep(0.1)
+    except KeyboardInterrupt:
+        console.print("cancelling the migration (Ctrl-C)")
+        src.cmd("migrate_cancel")
+        while (info := src.cmd("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+            time.sleep(0.05)
+    dinfo = {}
+    for _ in range(100):
+        dinfo = dst.cmd("query-migrate")
+        if dinfo.get("status") in ("completed", "failed") or info.get("status") != "completed":
+            break
+        time.sleep(0.05)
+    src.close()
+    dst.close()
+    return {"source": info, "destination": dinfo, "uri": uri}
+
+
+def print_summary(result: dict, integrity: tuple[bool, str] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    info = result["source"]
+    ram = info.get("ram", {})
+    t = Table(title=f"migration {info.get('status')}", show_header=False)
+    t.add_row("status", info.get("status", "?"))
+    if "error-desc" in info:
+        t.add_row("error", info["error-desc"])
+    if ram:
+        total_ms = info.get("total-time", 0)
+        t.add_row("total time", f"{total_ms} ms")
+        t.add_row("downtime", f"{info.get('downtime', '-')} ms")
+        t.add_row("setup time", f"{info.get('setup-time', '-')} ms")
+        t.add_row("sent", f"{ram['transferred'] / 1e6:.1f} MB ({ram['normal']} pages, {ram['duplicate']} zero pages)")
+        busy = max(total_ms - info.get("setup-time", 0), 1)
+        t.add_row("throughput", f"{ram['transferred'] / 1e3 / busy:.0f} MB/s")
+        t.add_row("passes (dirty syncs)", str(ram["dirty-sync-count"]))
+    if integrity is not None:
+        t.add_row("memory integrity", ("OK: " if integrity[0] else "FAILED: ") + integrity[1])
+    Console().print(t)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .errors import MigrationError
+    try:
+        result = run_migration(args.src, args.dst, args.uri, args.max_bandwidth, args.downtime_limit)
+    except MigrationError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        return 1
+    print_summary(result)
+    return 0 if result["source"].get("status") == "completed" else 1
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    _need_kvm()
+    from .errors import MigrationError
+    from .guest.image import make_image, passes_from_output
+    from .integrity import check, first_bytes
+    from .qmpclient import QMPClient
+
+    tmp = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
+    img = tmp / "guest.img"
+    img.write_bytes(make_image(args.ws_mib, args.prefill))
+    mem = f"{args.memory}"
+    base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(img)]
+    src_cmd = base + ["--qmp", f"unix:{tmp}/src.qmp", "--serial", f"file:{tmp}/src.log"]
+    dst_cmd = base + ["--qmp", f"unix:{tmp}/dst.qmp", "--serial", f"file:{tmp}/dst.log", "--incoming", "defer"]
+    print(f"livemig demo: {_fmt_bytes(args.memory)} guest dirtying "
+          f"{'all RAM' if not args.ws_mib else f'{args.ws_mib} MiB'} (work dir {tmp})")
+    procs = [subprocess.Popen(c, stdout=open(tmp / f"{n}.out", "wb"), stderr=subprocess.STDOUT)
+             for n, c in (("src", src_cmd), ("dst", dst_cmd))]
+    rc = 1
+    try:
+        src = QMPClient(f"unix:{tmp}/src.qmp")
+        deadline = time.monotonic() + 120
+        while passes_from_output((tmp / "src.log").read_bytes()) < 1:
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                raise MigrationError("the source guest did not start its workload")
+            time.sleep(0.1)
+        print(f"source guest running: {passes_from_output((tmp / 'src.log').read_bytes())} pass(es) done; migrating")
+        result = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None,
+                               args.max_bandwidth, args.downtime_limit)
+        integrity = None
+        if result["source"].get("status") == "completed":
+            dst = QMPClient(f"unix:{tmp}/dst.qmp")
+            before = passes_from_output((tmp / "dst.log").read_bytes())
+            deadline = time.monotonic() + 60
+            while passes_from_output((tmp / "dst.log").read_bytes()) <= max(before, 0):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            running = passes_from_output((tmp / "dst.log").read_bytes()) > max(before, 0)
+            dst.cmd("stop")
+            lo = 1 << 20
+            end = min(args.memory, 3 << 30) if not args.ws_mib else min(lo + (args.ws_mib << 20), min(args.memory, 3 << 30))
+            src.cmd("pmemsave", val=lo, size=end - lo, filename=str(tmp / "src.ram"))
+            dst.cmd("pmemsave", val=lo, size=end - lo, filename=str(tmp / "dst.ram"))
+            ok, why = check(first_bytes(str(tmp / "src.ram")), first_bytes(str(tmp / "dst.ram")))
+            st = src.cmd("query-status")["status"]
+            if not running:
+                ok, why = False, "the guest did not make progress on the destination"
+            elif st != "postmigrate":
+                ok, why = False, f"source is '{st}', expected 'postmigrate'"
+            integrity = (ok, why + f"; guest running on the destination, source {st}")
+            dst.cmd("cont")
+            dst.close()
+            rc = 0 if ok else 1
+        print_summary(result, integrity)
+    except MigrationError as e:
+        print(f"livemig demo: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    finally:
+        for n in ("src", "dst"):
+            try:
+                QMPClient(f"unix:{tmp}/{n}.qmp", timeout=2).cmd("quit")
+            except Exception:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return rc
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livemig", description="Live migration of KVM virtual machines.")
+    p.add_argument("--version", action="version", version=f"livemig {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    vm = sub.add_parser("vm", help="run one VM in the foreground (like qemu-system-x86_64)")
+    vm.add_argument("--memory", "-m", type=parse_size, default=parse_size("128M"), help="guest RAM (e.g. 1G)")
+    vm.add_argument("--boot-sector", help="512-byte boot sector image (default: the built-in workload guest)")
+    vm.add_argument("--ws-mib", type=int, default=0, help="built-in guest: working set in MiB (0 = all RAM)")
+    vm.add_argument("--prefill", action="store_true", help="built-in guest: touch all RAM once first")
+    vm.add_argument("--qmp", required=True, help="QMP socket: unix:PATH or tcp:127.0.0.1:PORT")
+    vm.add_argument("--serial", default="null", help="UART backend: file:PATH, stdio, unix:PATH,server=on,wait=off, null")
+    vm.add_argument("--incoming", help="wait for a migration: 'defer' or a URI")
+    vm.set_defaults(func=cmd_vm)
+
+    mg = sub.add_parser("migrate", help="migrate a running VM to a waiting one, over QMP")
+    mg.add_argument("--from", dest="src", required=True, help="QMP address of the source VM")
+    mg.add_argument("--to", dest="dst", required=True, help="QMP address of the destination VM")
+    mg.add_argument("--uri", help="migration URI (default tcp:127.0.0.1:<free port>)")
+    mg.add_argument("--max-bandwidth", type=parse_size_bytes, help="bytes/s (suffixes K/M/G allowed)")
+    mg.add_argument("--downtime-limit", type=int, help="ms")
+    mg.set_defaults(func=cmd_migrate)
+
+    dm = sub.add_parser("demo", help="boot the workload guest and migrate it live to a second VM on this host")
+    dm.add_argument("--memory", type=parse_size, default=parse_size("1G"))
+    dm.add_argument("--ws-mib", type=int, default=256, help="working set the guest dirties (0 = all RAM)")
+    dm.add_argument("--prefill", action="store_true", default=True)
+    dm.add_argument("--no-prefill", dest="prefill", action="store_false")
+    dm.add_argument("--max-bandwidth", type=parse_size_bytes, default=100_000_000_000)
+    dm.add_argument("--downtime-limit", type=int, default=None)
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def parse_size_bytes(text: str) -> int:
+    """Like parse_size, but a bare number means bytes."""
+    if text.strip().isdigit():
+        return int(text)
+    return parse_size(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

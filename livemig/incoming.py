@@ -1,0 +1,201 @@
+"""The destination side: accept the stream, load RAM straight into guest memory, load device
+state, start the guest, confirm with SHUT on the return path. Mirrors QEMU's
+process_incoming_migration / qemu_loadvm_state.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import state as S
+from .errors import MigrationError, ProtocolError, TransportError
+from .options import MigrationOptions
+from .ramblock import TPS, RamBlock
+from .stats import RamStats
+from .transport import Channel, Listener, URI
+from .wire import decoder as D
+from .wire import returnpath as RPW
+from .wire import stream as WS
+
+
+class Incoming:
+    """One incoming migration into `machine` (created but never started)."""
+
+    def __init__(self, machine: Any, options: MigrationOptions, uri: URI,
+                 emit: Callable[[str, dict | None], None], exit_on_error: bool = True,
+                 on_started: Callable[[], None] | None = None):
+        self.machine = machine
+        self.opts = options
+        self.uri = uri
+        self.emit = emit
+        self.exit_on_error = exit_on_error
+        self.on_started = on_started
+        self.state = S.MigrationState(self._on_state)
+        self.stats = RamStats(total=machine.memory_size)
+        self.error: str | None = None
+        self.listener = Listener(uri)  # bind now: errors reach the migrate-incoming caller
+        self.chan: Channel | None = None
+        self.rp_open = False
+        self.rp_lock = threading.Lock()
+        self.block = RamBlock("pc.ram", machine.ram)
+        self.nonzero = np.zeros(self.block.npages, dtype=np.bool_)  # pages we wrote non-zero data to
+        self.received = np.zeros(self.block.npages, dtype=np.bool_)
+        self.device_states: dict[tuple[str, int], dict] = {}
+        self.vmdesc: bytes | None = None
+        self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
+
+    def start(self) -> None:
+        self.state.set(S.NONE, S.SETUP)
+        self.thread.start()
+
+    def _on_state(self, status: str) -> None:
+        if self.opts.cap("events"):
+            self.emit("MIGRATION", {"status": status})
+
+    def query(self) -> dict:
+        info: dict[str, Any] = {"status": self.state.status}
+        if self.error and self.state.status == S.FAILED:
+            info["error-desc"] = self.error
+        addr = self.listener.address
+        if addr is not None:
+            info["socket-address"] = [addr]
+        return info
+
+    def cancel(self) -> None:
+        """Stop waiting or loading (used when the process quits)."""
+        self.listener.close()
+        if self.chan is not None:
+            self.chan.shutdown()
+
+    # -- the loader thread
+    def _run(self) -> None:
+        try:
+            self.chan = self.listener.accept()
+            self.state.set(S.SETUP, S.ACTIVE)
+            self._load()
+            self._finish()
+        except Exception as e:
+            self._fail(e)
+
+    def _send_rp(self, data: bytes) -> None:
+        if not self.rp_open or self.chan is None or self.chan.sock is None:
+            return
+        with self.rp_lock:
+            self.chan.sock.sendall(data)
+
+    def _load(self) -> None:
+        m = self.machine
+        devices = {(d.idstr, d.instance_id): d.vmsd for d in m.devices()}
+        dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size)], devices,
+                              postcopy=self.opts.cap("postcopy-ram"))
+        self.decoder = dec
+        chan = self.chan
+        assert chan is not None
+        eof = False
+        while not dec.done:
+            n = chan.recv_into(dec.space())
+            if n == 0:
+                dec.finish()
+                break
+            dec.commit(n)
+            while (ev := dec.next_event()) is not None:
+                if self._handle(ev):
+                    eof = True
+        self.stats.transferred = dec.bytes_consumed
+        if not eof:
+            raise ProtocolError("migration stream ended without EOF")
+
+    def _handle(self, ev) -> bool:
+        if isinstance(ev, D.Pages):
+            idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+            n = idx.size
+            first = int(idx[0])
+            if int(idx[-1]) - first + 1 == n:
+                self.block.u8[first:first + n] = ev.data
+                self.nonzero[first:first + n] = True
+                self.received[first:first + n] = True
+            else:
+                self.block.u8[idx] = ev.data
+                self.nonzero[idx] = True
+                self.received[idx] = True
+            self.stats.normal += n
+            return False
+        if isinstance(ev, D.ZeroPages):
+            idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+            dirty = idx[self.nonzero[idx]]
+            if dirty.size:
+                self.block.u8[dirty] = 0
+                self.nonzero[dirty] = False
+            self.received[idx] = True
+            self.stats.duplicate += idx.size
+            return False
+        if isinstance(ev, D.DeviceState):
+            self.device_states[(ev.idstr, ev.instance_id)] = ev.values
+            return False
+        if isinstance(ev, D.Configuration):
+            if ev.machine != WS.MACHINE_TYPE:
+                raise ProtocolError(f"Machine type received is '{ev.machine}' and local is '{WS.MACHINE_TYPE}'")
+            return False
+        if isinstance(ev, D.OpenReturnPath):
+            if self.chan is None or not self.chan.bidirectional:
+                raise ProtocolError("OPEN_RETURN_PATH on a one-way transport")
+            self.rp_open = True
+            return False
+        if isinstance(ev, D.Ping):
+            if not self.rp_open:
+                raise ProtocolError(f"PING {ev.value} without a return path")
+            self._send_rp(RPW.pong(ev.value))
+            return False
+        if isinstance(ev, D.Eof):
+            return True
+        if isinstance(ev, D.VmDescription):
+            self.vmdesc = ev.json
+            return False
+        if isinstance(ev, (D.Header, D.RamSetup, D.SectionEnd, D.SwitchoverStart)):
+            return False
+        if isinstance(ev, D.PostcopyAdvise):
+            raise ProtocolError("postcopy is not implemented yet")
+        raise ProtocolError(f"unexpected {type(ev).__name__} in a precopy stream")
+
+    def _finish(self) -> None:
+        m = self.machine
+        for dev in m.devices():
+            values = self.device_states.get((dev.idstr, dev.instance_id))
+            if values is None:
+                raise ProtocolError(f"migration stream has no state for device '{dev.idstr}' {dev.instance_id}")
+        for dev in m.devices():
+            dev.load(self.device_states[(dev.idstr, dev.instance_id)])
+        if self.on_started:
+            self.on_started()
+        self.emit("RESUME", None)
+        self.state.set(S.ACTIVE, S.COMPLETED)
+        try:
+            self._send_rp(RPW.shut(0))
+        except OSError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+
+    def _fail(self, e: Exception) -> None:
+        if isinstance(e, (MigrationError, OSError)):
+            msg = str(e)
+        else:
+            msg = f"internal error: {type(e).__name__}: {e}"
+        self.error = msg
+        try:
+            self._send_rp(RPW.shut(1))
+        except Exception:
+            pass
+        self._close()
+        self.state.set({S.SETUP, S.ACTIVE}, S.FAILED)
+        if self.exit_on_error:
+            print(f"livemig: load of migration failed: {msg}", file=sys.stderr, flush=True)
+            os._exit(1)

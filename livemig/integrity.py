@@ -1,0 +1,48 @@
+"""Memory-integrity checks on guest RAM dumps: the workload's own invariant, and destination vs source."""
+from __future__ import annotations
+
+import numpy as np
+
+from .guest.image import check_invariant
+
+PAGE = 4096
+
+
+def first_bytes(path: str) -> np.ndarray:
+    """The first byte of every 4 KiB page of a pmemsave dump."""
+    data = np.fromfile(path, dtype=np.uint8)
+    return data[: data.size // PAGE * PAGE].reshape(-1, PAGE)[:, 0].copy()
+
+
+def compare(src: np.ndarray, dst: np.ndarray) -> tuple[bool, str]:
+    """Destination vs paused source: dst - src is one value n everywhere except at most one
+    cyclically contiguous run of n + 1 (the pages the destination's interrupted pass reached)."""
+    if src.shape != dst.shape:
+        return False, f"dump sizes differ ({src.size} vs {dst.size} pages)"
+    d = (dst.astype(np.int16) - src.astype(np.int16)) & 0xFF
+    values = np.unique(d)
+    if values.size == 1:
+        return True, f"every page advanced by {int(values[0])} on the destination"
+    if values.size > 2:
+        return False, f"{values.size} different page deltas between destination and source ({values[:6].tolist()})"
+    lo, hi = int(values[0]), int(values[1])
+    if (hi - lo) % 256 != 1 and (lo - hi) % 256 != 1:
+        return False, f"page deltas {lo} and {hi} are not one pass apart"
+    for v in (lo, hi):
+        mask = d == v
+        edges = int(np.count_nonzero(mask[1:] != mask[:-1])) + (1 if mask[0] != mask[-1] else 0)
+        if edges <= 2:
+            return True, f"pages advanced by {lo}/{hi} passes in two contiguous runs"
+    return False, "page deltas are not in contiguous runs: pages were lost or sent stale"
+
+
+def check(src: np.ndarray | None, dst: np.ndarray) -> tuple[bool, str]:
+    ok, why = check_invariant(dst)
+    if not ok:
+        return False, f"guest invariant broken on the destination: {why}"
+    if src is not None:
+        ok2, why2 = compare(src, dst)
+        if not ok2:
+            return False, why2
+        return True, f"{why}; {why2}"
+    return True, why

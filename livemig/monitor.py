@@ -1,0 +1,276 @@
+"""One VM process: a KVM machine, its QMP server, and the migration commands (QEMU's names)."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from . import __version__
+from . import state as S
+from .errors import GuestError, MigrationError, TransportError
+from .incoming import Incoming
+from .options import PARAMETERS, MigrationOptions
+from .outgoing import Outgoing
+from .qmp import AfterReply, QMPError, QMPServer
+from .transport import parse_uri
+
+VERSION = {"qemu": {"major": 10, "minor": 2, "micro": 0}, "package": f"livemig {__version__}"}
+
+
+class VMProcess:
+    """Glue between QMP and the machine: run state, stop/cont, pmemsave and migration."""
+
+    def __init__(self, machine: Any, qmp_address: str, incoming: str | None = None):
+        self.machine = machine
+        self.opts = MigrationOptions()
+        self.outgoing: Outgoing | None = None
+        self.incoming: Incoming | None = None
+        self.incoming_spec = incoming  # None, "defer" or a URI
+        self.runstate = "inmigrate" if incoming else "prelaunch"
+        self.autostart = True
+        self.lock = threading.RLock()
+        self.quit_event = threading.Event()
+        self.qmp = QMPServer(qmp_address, version=VERSION)
+        self._register()
+
+    # -- life cycle
+    def start(self) -> None:
+        self.qmp.start()
+        if self.incoming_spec and self.incoming_spec != "defer":
+            self._start_incoming(self.incoming_spec, exit_on_error=True)
+        elif not self.incoming_spec:
+            self.machine.start()
+            self.runstate = "running"
+
+    def emit(self, event: str, data: dict | None = None) -> None:
+        self.qmp.emit_event(event, data)
+
+    def on_fatal(self, message: str) -> None:
+        """The guest stopped for good (internal error, shutdown): report it like QEMU does."""
+        print(f"livemig: guest stopped: {message}", file=sys.stderr, flush=True)
+        self.runstate = "internal-error"
+        self.emit("STOP", None)
+
+    def wait(self) -> None:
+        self.quit_event.wait()
+
+    def shutdown(self) -> None:
+        if self.incoming:
+            self.incoming.cancel()
+        if self.outgoing:
+            try:
+                self.outgoing.cancel()
+            except MigrationError:
+                pass
+        self.qmp.close()
+        self.quit_event.set()
+
+    # -- QMP commands
+    def _register(self) -> None:
+        r = self.qmp.register
+        r("query-status", self.q_query_status)
+        r("stop", self.q_stop)
+        r("cont", self.q_cont)
+        r("quit", self.q_quit)
+        r("pmemsave", self.q_pmemsave, {"val": ("int", True), "size": ("int", True), "filename": ("str", True)})
+        r("migrate-set-capabilities", self.q_set_caps, {"capabilities": ("list", True)})
+        r("query-migrate-capabilities", lambda a: self.opts.query_capabilities())
+        kinds = {"int": "int", "bool": "bool", "str": "str"}
+        r("migrate-set-parameters", self.q_set_params, {k: (kinds[v[1]], False) for k, v in PARAMETERS.items()})
+        r("query-migrate-parameters", lambda a: self.opts.query_parameters())
+        r("migrate", self.q_migrate, {"uri": ("str", False), "channels": ("list", False), "detach": ("bool", False),
+                                      "resume": ("bool", False), "blk": ("bool", False), "inc": ("bool", False)})
+        r("migrate-incoming", self.q_migrate_incoming, {"uri": ("str", False), "channels": ("list", False),
+                                                        "exit-on-error": ("bool", False)})
+        r("migrate_cancel", self.q_migrate_cancel)
+        r("migrate-start-postcopy", self.q_start_postcopy)
+        r("query-migrate", self.q_query_migrate)
+
+    def q_query_status(self, args: dict) -> dict:
+        return {"status": self.runstate, "running": self.runstate == "running", "singlestep": False}
+
+    def q_stop(self, args: dict) -> None:
+        with self.lock:
+            if self.runstate == "inmigrate":
+                self.autostart = False
+                return
+            if self.machine.running:
+                self.machine.pause()
+                self.runstate = "paused"
+                self.emit("STOP", None)
+
+    def q_cont(self, args: dict) -> None:
+        with self.lock:
+            if self.runstate == "inmigrate":
+                self.autostart = True
+                return
+            if self.runstate == "internal-error":
+                raise QMPError("Resetting the Virtual Machine is required")
+            if self.outgoing and self.outgoing.state.status in S.RUNNING:
+                raise QMPError("Migration is in progress; the guest is resumed when it ends")
+            if not self.machine.running:
+                self.machine.resume()
+                self.runstate = "running"
+                self.emit("RESUME", None)
+
+    def q_quit(self, args: dict) -> AfterReply:
+        def bye() -> None:
+            self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            self.shutdown()
+        return AfterReply({}, bye)
+
+    def q_pmemsave(self, args: dict) -> None:
+        val, size, filename = args["val"], args["size"], args["filename"]
+        if val < 0 or size < 0:
+            raise QMPError("Invalid parameter 'val'/'size': must not be negative")
+        m = self.machine
+        try:
+            fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise QMPError(f"Could not open '{filename}': {e.strerror}") from None
+        try:
+            mv = memoryview(m.ram)
+            gpa, left = val, size
+            while left:
+                try:
+                    off = m.gpa_to_offset(gpa)
+                except GuestError as e:
+                    raise QMPError(f"Invalid addr 0x{gpa:x}/size {left} specified: {e}") from None
+                # stay inside one contiguous region of the block
+                region_end = m.lowmem_size if gpa < (1 << 32) else m.memory_size
+                n = min(left, region_end - off, 16 << 20)
+                chunk = mv[off:off + n]
+                while chunk:
+                    w = os.write(fd, chunk)
+                    chunk = chunk[w:]
+                gpa += n
+                left -= n
+        finally:
+            os.close(fd)
+
+    def _migration_running(self) -> bool:
+        return bool(self.outgoing and self.outgoing.state.status in S.RUNNING) or \
+            bool(self.incoming and self.incoming.state.status in S.RUNNING)
+
+    def q_set_caps(self, args: dict) -> None:
+        if self._migration_running():
+            raise QMPError("There's a migration process in progress")
+        try:
+            self.opts.set_capabilities(args["capabilities"])
+        except MigrationError as e:
+            raise QMPError(str(e)) from None
+
+    def q_set_params(self, args: dict) -> None:
+        try:
+            self.opts.set_parameters(args)
+        except MigrationError as e:
+            raise QMPError(str(e)) from None
+
+    def q_migrate(self, args: dict) -> None:
+        with self.lock:
+            if args.get("resume"):
+                raise QMPError("Cannot resume if there is no paused migration")
+            if self.runstate == "inmigrate" or self.incoming:
+                raise QMPError("Guest is waiting for an incoming migration")
+            if self._migration_running():
+                raise QMPError("There's a migration process in progress")
+            if self.runstate == "postmigrate":
+                raise QMPError("The guest has already been migrated; it can't be migrated again")
+            uri = self._uri_arg(args)
+            try:
+                target = parse_uri(uri)
+            except TransportError as e:
+                raise QMPError(str(e)) from None
+            out = Outgoing(self.machine, self.opts, target, self.emit)
+            out.on_finish = self._outgoing_finished
+            self.outgoing = out
+            out.start()
+
+    @staticmethod
+    def _uri_arg(args: dict) -> str:
+        uri, channels = args.get("uri"), args.get("channels")
+        if (uri is None) == (channels is None):
+            raise QMPError("Need either 'uri' or 'channels' argument" if uri is None
+                           else "'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in 'migrate' qmp command ")
+        if channels is not None:
+            if len(channels) != 1 or not isinstance(channels[0], dict) or channels[0].get("channel-type") != "main":
+                raise QMPError("Channel list has more than one entries" if len(channels) > 1 else "Channel must be of type 'main'")
+            addr = channels[0].get("addr") or {}
+            t = addr.get("transport")
+            if t == "socket" and addr.get("type") == "inet":
+                return f"tcp:{addr.get('host')}:{addr.get('port')}"
+            if t == "socket" and addr.get("type") == "unix":
+                return f"unix:{addr.get('path')}"
+            if t == "socket" and addr.get("type") == "fd":
+                return f"fd:{addr.get('str')}"
+            if t == "file":
+                return f"file:{addr.get('filename')},offset={int(addr.get('offset', 0))}"
+            raise QMPError(f"Unsupported migration channel address {addr}")
+        return uri
+
+    def _outgoing_finished(self, out: Outgoing) -> None:
+        with self.lock:
+            if out.state.status == S.COMPLETED:
+                self.runstate = "postmigrate"
+            elif self.machine.running:
+                self.runstate = "running"
+
+    def q_migrate_incoming(self, args: dict) -> None:
+        with self.lock:
+            if self.incoming_spec != "defer":
+                raise QMPError("'-incoming' was not specified on the command line" if not self.incoming_spec
+                               else "The incoming migration has already been started")
+            if self.incoming:
+                raise QMPError("The incoming migration has already been started")
+            self._start_incoming(self._uri_arg(args), exit_on_error=args.get("exit-on-error", True))
+
+    def _start_incoming(self, uri: str, exit_on_error: bool) -> None:
+        try:
+            target = parse_uri(uri)
+            inc = Incoming(self.machine, self.opts, target, self.emit, exit_on_error=exit_on_error,
+                           on_started=self._incoming_started)
+        except TransportError as e:
+            raise QMPError(str(e)) from None
+        self.incoming = inc
+        inc.start()
+
+    def _incoming_started(self) -> None:
+        with self.lock:
+            if self.autostart:
+                self.machine.start()
+                self.runstate = "running"
+            else:
+                self.runstate = "paused"
+
+    def q_migrate_cancel(self, args: dict) -> None:
+        if self.outgoing:
+            try:
+                self.outgoing.cancel()
+            except MigrationError as e:
+                raise QMPError(str(e)) from None
+        elif self.incoming and self.incoming.state.status in (S.SETUP, S.ACTIVE):
+            self.incoming.cancel()
+
+    def q_start_postcopy(self, args: dict) -> None:
+        if not self.opts.cap("postcopy-ram"):
+            raise QMPError("Enable postcopy with migrate-set-capabilities before the start of migration")
+        if not self.outgoing:
+            raise QMPError("Postcopy must be started after migration has been started")
+        raise QMPError("postcopy is not implemented yet")
+
+    def q_query_migrate(self, args: dict) -> dict:
+        if self.outgoing:
+            return self.outgoing.query()
+        if self.incoming:
+            return self.incoming.query()
+        return {}
+
+
+def install_signal_handlers(proc: VMProcess) -> None:
+    def handler(signum, frame):  # SIGTERM/SIGINT: leave like QEMU does on a signal
+        proc.emit("SHUTDOWN", {"guest": False, "reason": "host-signal"})
+        proc.shutdown()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,106 @@
+"""Migration capabilities and parameters: QEMU's names, defaults and checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MigrationError
+
+CAPABILITIES = (
+    "xbzrle", "rdma-pin-all", "auto-converge", "events", "postcopy-ram", "x-colo", "release-ram",
+    "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
+    "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
+    "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
+)
+# Capabilities livemig implements; the others are accepted only as "off".
+SUPPORTED_CAPABILITIES = {"events", "return-path", "postcopy-ram", "postcopy-blocktime", "late-block-activate"}
+
+# name -> (default, kind, minimum, maximum)
+PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
+    "max-bandwidth": (134217728, "int", 0, None),
+    "downtime-limit": (300, "int", 0, 2000000),
+    "max-postcopy-bandwidth": (0, "int", 0, None),
+    "avail-switchover-bandwidth": (0, "int", 0, None),
+    "announce-initial": (50, "int", 1, 100000),
+    "announce-max": (550, "int", 1, 100000),
+    "announce-rounds": (5, "int", 0, 1000),
+    "announce-step": (100, "int", 1, 10000),
+    "throttle-trigger-threshold": (50, "int", 1, 100),
+    "cpu-throttle-initial": (20, "int", 1, 99),
+    "cpu-throttle-increment": (10, "int", 1, 99),
+    "cpu-throttle-tailslow": (False, "bool", None, None),
+    "max-cpu-throttle": (99, "int", 1, 99),
+    "multifd-channels": (2, "int", 1, 255),
+    "multifd-compression": ("none", "str", None, None),
+    "xbzrle-cache-size": (67108864, "int", 0, None),
+    "x-checkpoint-delay": (20000, "int", 0, None),
+    "zero-page-detection": ("multifd", "str", None, None),
+    "tls-creds": ("", "str", None, None),
+    "tls-hostname": ("", "str", None, None),
+    "tls-authz": ("", "str", None, None),
+}
+_ENUMS = {"zero-page-detection": ("none", "legacy", "multifd"), "multifd-compression": ("none",)}
+
+
+@dataclass
+class MigrationOptions:
+    caps: dict[str, bool] = field(default_factory=lambda: {c: False for c in CAPABILITIES})
+    params: dict[str, Any] = field(default_factory=lambda: {k: v[0] for k, v in PARAMETERS.items()})
+
+    def cap(self, name: str) -> bool:
+        return self.caps[name]
+
+    def param(self, name: str) -> Any:
+        return self.params[name]
+
+    def set_capabilities(self, items: list[dict]) -> None:
+        """Apply [{capability, state}] atomically after checking names and conflicts."""
+        new = dict(self.caps)
+        for item in items:
+            if not isinstance(item, dict) or set(item) - {"capability", "state"}:
+                raise MigrationError("Invalid parameter type for 'capabilities', expected: MigrationCapabilityStatus")
+            name, state = item.get("capability"), item.get("state")
+            if name not in new:
+                raise MigrationError(f"Parameter 'capability' does not accept value '{name}'")
+            if not isinstance(state, bool):
+                raise MigrationError("Invalid parameter type for 'state', expected: boolean")
+            if state and name not in SUPPORTED_CAPABILITIES:
+                raise MigrationError(f"Capability '{name}' is not supported by livemig")
+            new[name] = state
+        if new["postcopy-preempt"] and not new["postcopy-ram"]:
+            raise MigrationError("Postcopy preempt requires postcopy-ram")
+        if new["switchover-ack"] and not new["return-path"]:
+            raise MigrationError("Capability 'switchover-ack' requires capability 'return-path'")
+        self.caps = new
+
+    def set_parameters(self, args: dict) -> None:
+        new = dict(self.params)
+        for name, value in args.items():
+            spec = PARAMETERS.get(name)
+            if spec is None:
+                raise MigrationError(f"Parameter '{name}' is unexpected")
+            _, kind, lo, hi = spec
+            if kind == "int":
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise MigrationError(f"Invalid parameter type for '{name}', expected: integer")
+                if (lo is not None and value < lo) or (hi is not None and value > hi):
+                    rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+                    raise MigrationError(f"Parameter '{name}' expects a value in range {rng}")
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise MigrationError(f"Invalid parameter type for '{name}', expected: boolean")
+            else:
+                if not isinstance(value, str):
+                    raise MigrationError(f"Invalid parameter type for '{name}', expected: string")
+                if name in _ENUMS and value not in _ENUMS[name]:
+                    raise MigrationError(f"Parameter '{name}' does not accept value '{value}'")
+                if name == "tls-creds" and value:
+                    raise MigrationError("TLS is not supported by livemig yet")
+            new[name] = value
+        self.params = new
+
+    def query_capabilities(self) -> list[dict]:
+        return [{"capability": c, "state": self.caps[c]} for c in CAPABILITIES]
+
+    def query_parameters(self) -> dict:
+        return dict(self.params)

@@ -1,0 +1,453 @@
+"""The source side of a migration: migration thread (precopy passes, switchover, completion) and
+return-path thread. Mirrors QEMU's migration_thread / source_return_path_thread.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from . import state as S
+from .errors import MigrationError, ProtocolError, TransportError
+from .options import MigrationOptions
+from .ramblock import TPS, RamBlock, unpack_bitmap
+from .stats import RamStats
+from .transport import URI, Channel, connect
+from .wire import ram as WR
+from .wire import returnpath as RPW
+from .wire import stream as WS
+from .wire.vmstate import describe, encode
+
+BATCH_PAGES = 256  # pages per scatter batch (~1 MiB on the wire)
+ITERATE_MAX_S = 0.05  # one PART section at most (QEMU's MAX_WAIT)
+RATE_WINDOW_S = 0.1  # max-bandwidth is enforced per 100 ms window
+SCAN_WINDOW = 1 << 14  # pages examined per bitmap scan step
+SHUT_TIMEOUT_S = 120.0
+RAM_SECTION_ID = 0
+
+
+class Writer:
+    """Buffers small records, passes big batches straight through; counts every byte sent."""
+
+    def __init__(self, chan: Channel, limit: int = 256 << 10):
+        self.chan = chan
+        self.buf = bytearray()
+        self.limit = limit
+        self.sent = 0
+
+    def write(self, data) -> None:
+        self.buf += data
+        if len(self.buf) >= self.limit:
+            self.flush()
+
+    def write_big(self, data) -> None:
+        self.flush()
+        self.chan.sendall(data)
+        self.sent += memoryview(data).nbytes
+
+    def flush(self) -> None:
+        if self.buf:
+            self.chan.sendall(self.buf)
+            self.sent += len(self.buf)
+            self.buf = bytearray()
+
+    @property
+    def position(self) -> int:
+        return self.sent + len(self.buf)
+
+
+class RamSender:
+    """Dirty bitmap, scan position and page batches of one RAM block on one channel."""
+
+    def __init__(self, block: RamBlock, writer: Writer, stats: RamStats):
+        self.block = block
+        self.w = writer
+        self.stats = stats
+        self.dirty = np.ones(block.npages, dtype=np.bool_)  # everything needs sending at first
+        self.ndirty = block.npages
+        self.scan = 0
+        self.named = False  # CONTINUE context: the first record must carry the block name
+        self.staging = np.empty((BATCH_PAGES, WR.PAGE_RECORD), dtype=np.uint8)
+
+    def merge(self, words: np.ndarray) -> int:
+        """OR a KVM dirty log into the bitmap; returns how many pages were newly dirtied."""
+        bits = unpack_bitmap(words, self.block.npages)
+        before = self.ndirty
+        np.logical_or(self.dirty, bits, out=self.dirty)
+        self.ndirty = int(np.count_nonzero(self.dirty))
+        return int(np.count_nonzero(bits)) if before else self.ndirty
+
+    def next_batch(self, maxn: int = BATCH_PAGES) -> np.ndarray:
+        npages = self.block.npages
+        scanned = 0
+        while self.ndirty and scanned <= npages:
+            hits = np.flatnonzero(self.dirty[self.scan:self.scan + SCAN_WINDOW])
+            if hits.size:
+                idx = hits[:maxn] + self.scan
+                self.dirty[idx] = False
+                self.ndirty -= idx.size
+                self.scan = int(idx[-1]) + 1
+                if self.scan >= npages:
+                    self.scan = 0
+                return idx
+            scanned += SCAN_WINDOW
+            self.scan += SCAN_WINDOW
+            if self.scan >= npages:
+                self.scan = 0
+        return np.empty(0, dtype=np.intp)
+
+    def send(self, idx: np.ndarray) -> None:
+        """Send the pages `idx` (ascending): zero pages as ZERO records, the rest as PAGE records."""
+        if not self.named:
+            first = int(idx[0])
+            page = self.block.u8[first]
+            if page.any():
+                self.w.write(WR.page_header(first * TPS, WR.FLAG_PAGE, self.block.name) + page.tobytes())
+                self.stats.normal += 1
+            else:
+                self.w.write(WR.page_header(first * TPS, WR.FLAG_ZERO, self.block.name) + b"\x00")
+                self.stats.duplicate += 1
+            self.named = True
+            idx = idx[1:]
+            if not idx.size:
+                return
+        n = idx.size
+        contiguous = int(idx[-1]) - int(idx[0]) + 1 == n
+        pages64 = self.block.u64[int(idx[0]):int(idx[0]) + n] if contiguous else self.block.u64[idx]
+        nonzero = pages64.max(axis=1) != 0
+        zero_idx = idx[~nonzero]
+        if zero_idx.size:
+            self.w.write(WR.zero_records(zero_idx.astype(np.uint64) * TPS))
+            self.stats.duplicate += zero_idx.size
+        page_idx = idx[nonzero]
+        m = page_idx.size
+        if m:
+            st = self.staging[:m]
+            st[:, :8] = WR.page_headers(page_idx.astype(np.uint64) * TPS).view(np.uint8).reshape(m, 8)
+            if m == n and contiguous:
+                st[:, 8:] = self.block.u8[int(idx[0]):int(idx[0]) + n]
+            else:
+                np.take(self.block.u8, page_idx, axis=0, out=st[:, 8:], mode="clip")
+            self.w.write_big(memoryview(st).cast("B"))
+            self.stats.normal += m
+
+
+class Outgoing:
+    """One outgoing migration of `machine` to `uri`."""
+
+    def __init__(self, machine: Any, options: MigrationOptions, uri: URI,
+                 emit: Callable[[str, dict | None], None], resume: bool = False):
+        self.machine = machine
+        self.opts = options
+        self.uri = uri
+        self.emit = emit
+        self.state = S.MigrationState(self._on_state)
+        self.stats = RamStats(total=machine.memory_size)
+        self.error: str | None = None
+        self.cancel_requested = False
+        self.chan: Channel | None = None
+        self.thread = threading.Thread(target=self._run, name="mig/src/main", daemon=True)
+        self.rp_thread: threading.Thread | None = None
+        self.rp_error: str | None = None
+        self.shut = threading.Event()
+        self.shut_value: int | None = None
+        self.pongs: list[int] = []
+        self.start_time = 0.0
+        self.setup_time = 0
+        self.end_time = 0.0
+        self.downtime_ms: int | None = None
+        self.expected_downtime = options.param("downtime-limit")
+        self.bandwidth = 0.0  # bytes/s, last measured window
+        self.was_running = False
+        self.paused_by_us = False
+        self.on_finish: Callable[["Outgoing"], None] | None = None
+
+    # -- control (called from QMP)
+    def start(self) -> None:
+        self.start_time = time.monotonic()
+        self.state.set(S.NONE, S.SETUP)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        st = self.state.status
+        if st in S.IN_POSTCOPY:
+            raise MigrationError("Postcopy migration in progress, cannot cancel")
+        if st in S.FINISHED or st == S.NONE:
+            return
+        self.cancel_requested = True
+        self.state.set({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE}, S.CANCELLING)
+        if self.chan is not None:
+            self.chan.shutdown()
+
+    def _on_state(self, status: str) -> None:
+        if self.opts.cap("events"):
+            self.emit("MIGRATION", {"status": status})
+
+    # -- query-migrate
+    def query(self) -> dict:
+        st = self.state.status
+        info: dict[str, Any] = {"status": st}
+        if st in (S.FAILED, S.CANCELLED, S.CANCELLING) or st == S.SETUP:
+            if self.error and st == S.FAILED:
+                info["error-desc"] = self.error
+            return info
+        now = self.end_time if st == S.COMPLETED else time.monotonic()
+        info["total-time"] = int((now - self.start_time) * 1000)
+        info["setup-time"] = self.setup_time
+        if st == S.COMPLETED or st in S.IN_POSTCOPY:
+            info["downtime"] = self.downtime_ms or 0
+        else:
+            info["expected-downtime"] = int(self.expected_downtime)
+        self.stats.remaining = 0 if st == S.COMPLETED else self._sender_remaining()
+        info["ram"] = self.stats.as_qmp()
+        return info
+
+    def _sender_remaining(self) -> int:
+        sender = getattr(self, "sender", None)
+        return sender.ndirty * TPS if sender else self.stats.total
+
+    # -- the migration thread
+    def _run(self) -> None:
+        try:
+            self._migrate()
+        except Exception as e:  # every failure ends here: report it, keep the guest
+            self._fail(e)
+        finally:
+            self._cleanup()
+            if self.on_finish:
+                self.on_finish(self)
+
+    def _check(self) -> None:
+        if self.cancel_requested:
+            raise MigrationError("migration cancelled")
+        if self.rp_error:
+            raise MigrationError(self.rp_error)
+
+    def _migrate(self) -> None:
+        m = self.machine
+        self.chan = connect(self.uri)
+        self._check()
+        w = self.writer = Writer(self.chan)
+        block = RamBlock("pc.ram", m.ram)
+        self.sender = RamSender(block, w, self.stats)
+        use_rp = self.chan.bidirectional
+        w.write(WS.file_header() + WS.configuration())
+        if use_rp:
+            self.rp_thread = threading.Thread(target=self._rp_loop, name="mig/src/return", daemon=True)
+            self.rp_thread.start()
+            w.write(WS.command(WS.Cmd.OPEN_RETURN_PATH) + WS.ping(1))
+        if self.opts.cap("postcopy-ram"):
+            raise MigrationError("postcopy-ram is not implemented yet")
+        w.write(WS.section_header(WS.Section.START, RAM_SECTION_ID, WR.IDSTR, WR.INSTANCE, WR.VERSION))
+        w.write(WR.setup_payload([WR.BlockInfo(block.name, block.size)]))
+        w.write(WS.section_footer(RAM_SECTION_ID))
+        w.flush()
+        m.dirty_log_start()
+        self.dirty_logging = True
+        self._sync()  # dirty-sync-count 1, as QEMU's setup
+        self.setup_time = int((time.monotonic() - self.start_time) * 1000)
+        if not self.state.set(S.SETUP, S.ACTIVE):
+            self._check()
+        self._window_start = time.monotonic()
+        self._window_bytes0 = w.position
+        self._rate_window_start = self._window_start
+        self._rate_bytes0 = w.position
+        while True:
+            self._check()
+            if self.sender.ndirty * TPS <= self._threshold():
+                self._sync()
+                if self.sender.ndirty * TPS <= self._threshold():
+                    break
+            self._iterate()
+        self._complete()
+
+    def _threshold(self) -> float:
+        return self.bandwidth * self.opts.param("downtime-limit") / 1000.0
+
+    def _sync(self) -> None:
+        now = time.monotonic()
+        newly = self.sender.merge(self.machine.dirty_log_sync())
+        st = self.stats
+        st.dirty_sync_count += 1
+        if not hasattr(self, "_rate_period_start"):
+            self._rate_period_start, self._rate_period_pages = now, 0
+        self._rate_period_pages += newly if st.dirty_sync_count > 1 else 0
+        if now - self._rate_period_start >= 1.0:
+            st.dirty_pages_rate = int(self._rate_period_pages / (now - self._rate_period_start))
+            self._rate_period_start, self._rate_period_pages = now, 0
+        if self.bandwidth > 0:
+            self.expected_downtime = self.sender.ndirty * TPS / self.bandwidth * 1000
+        st.remaining = self.sender.ndirty * TPS
+        if self.opts.cap("events"):
+            self.emit("MIGRATION_PASS", {"pass": st.dirty_sync_count})
+
+    def _iterate(self) -> None:
+        """One RAM PART section: pages until 50 ms, the rate limit or the bitmap runs out."""
+        w, sender = self.writer, self.sender
+        w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID))
+        t0 = time.monotonic()
+        limit = self.opts.param("max-bandwidth") * RATE_WINDOW_S
+        throttled = False
+        while sender.ndirty:
+            idx = sender.next_batch()
+            if not idx.size:
+                break
+            sender.send(idx)
+            if w.position - self._rate_bytes0 >= limit:
+                throttled = True
+                break
+            if time.monotonic() - t0 > ITERATE_MAX_S or self.cancel_requested:
+                break
+        w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        w.flush()
+        self._account()
+        if throttled:
+            self._wait_rate_window()
+
+    def _account(self) -> None:
+        now = time.monotonic()
+        st, w = self.stats, self.writer
+        st.transferred = w.position
+        st.precopy_bytes = w.position
+        dt = now - self._window_start
+        if dt >= RATE_WINDOW_S:
+            sent = w.position - self._window_bytes0
+            self.bandwidth = sent / dt
+            st.mbps = sent * 8 / dt / 1e6
+            st.pages_per_second = int((st.normal + st.duplicate - getattr(self, "_win_pages0", 0)) / dt)
+            self._win_pages0 = st.normal + st.duplicate
+            self._window_start, self._window_bytes0 = now, w.position
+        if now - self._rate_window_start >= RATE_WINDOW_S:
+            self._rate_window_start, self._rate_bytes0 = now, w.position
+
+    def _wait_rate_window(self) -> None:
+        end = self._rate_window_start + RATE_WINDOW_S
+        while (left := end - time.monotonic()) > 0 and not self.cancel_requested:
+            time.sleep(min(left, 0.01))
+        self._rate_window_start, self._rate_bytes0 = time.monotonic(), self.writer.position
+
+    def _device_sections(self) -> bytes:
+        out = bytearray()
+        for i, dev in enumerate(self.machine.devices(), start=1):
+            out += WS.section_header(WS.Section.FULL, i, dev.idstr, dev.instance_id, dev.vmsd.version_id)
+            out += encode(dev.vmsd, dev.save())
+            out += WS.section_footer(i)
+        return bytes(out)
+
+    def _vmdesc(self) -> bytes:
+        devs = [{"name": "ram", "instance_id": 0, "vmsd_name": "ram", "version": WR.VERSION, "fields": []}]
+        for d in self.machine.devices():
+            devs.append({"name": d.idstr, "instance_id": d.instance_id, "vmsd_name": d.vmsd.name,
+                         "version": d.vmsd.version_id, **describe(d.vmsd)})
+        desc = {"page_size": TPS, "configuration": {"vmsd_name": "configuration", "version": 1, "fields": [
+            {"name": "len", "type": "uint32", "size": 4}, {"name": "name", "type": "buffer", "size": len(WS.MACHINE_TYPE)}]},
+            "devices": devs}
+        return json.dumps(desc, separators=(",", ":")).encode()
+
+    def _complete(self) -> None:
+        """Stop the guest, send the rest and the device state, wait for the destination's SHUT."""
+        m, w = self.machine, self.writer
+        self.was_running = m.running
+        t_stop = time.monotonic()
+        if self.was_running:
+            m.pause()
+            self.paused_by_us = True
+            self.emit("STOP", None)
+        if not self.state.set(S.ACTIVE, S.DEVICE):
+            self._check()
+        precopy_bytes = w.position
+        w.write(WS.command(WS.Cmd.SWITCHOVER_START))
+        self._sync()
+        w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID))
+        while self.sender.ndirty:
+            self.sender.send(self.sender.next_batch())
+        w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        w.write(self._device_sections())
+        w.write(WS.eof() + WS.vmdescription(self._vmdesc()))
+        w.flush()
+        self.stats.downtime_bytes = w.position - precopy_bytes
+        self.stats.transferred = w.position
+        self.stats.remaining = 0
+        if self.chan.bidirectional:
+            deadline = time.monotonic() + SHUT_TIMEOUT_S
+            while not self.shut.wait(0.05):
+                self._check()
+                if time.monotonic() > deadline:
+                    raise MigrationError("destination did not confirm completion (no SHUT on the return path)")
+            if self.shut_value != 0:
+                raise MigrationError("destination reported an error loading the migration stream (SHUT 1)")
+        self.end_time = time.monotonic()
+        self.downtime_ms = int((self.end_time - t_stop) * 1000)
+        dt = self.end_time - self.start_time - self.setup_time / 1000
+        if dt > 0:
+            self.stats.mbps = self.stats.transferred * 8 / dt / 1e6
+        self.state.set(S.DEVICE, S.COMPLETED)
+
+    # -- failure and cleanup
+    def _fail(self, e: Exception) -> None:
+        if isinstance(e, (MigrationError, OSError)):
+            msg = str(e)
+        else:
+            msg = f"internal error: {type(e).__name__}: {e}"
+        if self.rp_error and not isinstance(e, MigrationError):
+            msg = self.rp_error
+        self.end_time = time.monotonic()
+        if self.state.status == S.CANCELLING or self.cancel_requested:
+            self.state.set({S.CANCELLING}, S.CANCELLED)
+            if self.state.status != S.CANCELLED:
+                self.state.set({S.SETUP, S.ACTIVE, S.DEVICE, S.PRE_SWITCHOVER}, S.CANCELLING)
+                self.state.set(S.CANCELLING, S.CANCELLED)
+            return
+        self.error = msg
+        self.state.set(S.RUNNING - S.IN_POSTCOPY - {S.CANCELLING} | {S.POSTCOPY_DEVICE}, S.FAILED)
+
+    def _cleanup(self) -> None:
+        if getattr(self, "dirty_logging", False):
+            try:
+                self.machine.dirty_log_stop()
+            except Exception:
+                pass
+        if self.state.status != S.COMPLETED and self.paused_by_us:
+            self.machine.resume()  # a failed or cancelled precopy leaves the guest running
+            self.emit("RESUME", None)
+        if self.chan is not None:
+            self.chan.shutdown()
+            self.chan.close()
+        if self.rp_thread is not None:
+            self.rp_thread.join(timeout=5)
+
+    # -- the return-path thread
+    def _rp_loop(self) -> None:
+        chan = self.chan
+        assert chan is not None and chan.sock is not None
+        dec = RPW.RPDecoder()
+        try:
+            while True:
+                data = chan.sock.recv(4096)
+                if not data:
+                    if self.shut_value is None and self.state.status not in S.FINISHED:
+                        self.rp_error = "destination closed the return path before completion"
+                    break
+                dec.feed(data)
+                while (msg := dec.next_message()) is not None:
+                    if isinstance(msg, RPW.Pong):
+                        self.pongs.append(msg.value)
+                    elif isinstance(msg, RPW.Shut):
+                        self.shut_value = msg.value
+                        self.shut.set()
+                        return
+                    elif isinstance(msg, RPW.ReqPages):
+                        raise ProtocolError("return path: page request while not in postcopy")
+                    else:
+                        raise ProtocolError(f"return path: unexpected {type(msg).__name__} message")
+        except ProtocolError as e:
+            self.rp_error = str(e)
+        except OSError as e:
+            if self.state.status not in S.FINISHED and not self.cancel_requested:
+                self.rp_error = f"return path failed: {e.strerror or e}"
+        if self.rp_error and not self.shut.is_set():
+            chan.shutdown()

@@ -1,0 +1,217 @@
+"""Migration URIs (tcp:, unix:, fd:, file:) and the connections they open.
+
+A Channel is what the engine writes to and reads from: a socket (bidirectional, so it carries a
+return path) or a file (one way).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from .errors import TransportError
+
+
+@dataclass(frozen=True)
+class URI:
+    scheme: str  # tcp | unix | fd | file
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    fd: int = -1
+    offset: int = 0
+
+    def __str__(self) -> str:
+        if self.scheme == "tcp":
+            return f"tcp:{self.host}:{self.port}"
+        if self.scheme == "fd":
+            return f"fd:{self.fd}"
+        return f"{self.scheme}:{self.path}"
+
+
+def parse_uri(uri: str) -> URI:
+    """Parse a QEMU migration URI; raises TransportError with a usable message."""
+    if not isinstance(uri, str) or ":" not in uri:
+        raise TransportError(f"Invalid migration URI '{uri}': expected tcp:HOST:PORT, unix:PATH, fd:N or file:PATH")
+    scheme, rest = uri.split(":", 1)
+    if scheme == "tcp":
+        host, sep, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise TransportError(f"Invalid tcp address '{rest}': expected HOST:PORT")
+        return URI("tcp", host=host, port=int(port))
+    if scheme == "unix":
+        if not rest:
+            raise TransportError("unix: migration URI needs a path")
+        return URI("unix", path=rest)
+    if scheme == "fd":
+        if not rest.isdigit():
+            raise TransportError(f"fd: migration URI needs a file descriptor number, got '{rest}'")
+        return URI("fd", fd=int(rest))
+    if scheme == "file":
+        path, _, opt = rest.partition(",")
+        offset = 0
+        if opt:
+            key, _, val = opt.partition("=")
+            if key != "offset" or not val.isdigit():
+                raise TransportError(f"Invalid file: option '{opt}': only offset=N is accepted")
+            offset = int(val)
+        if not path:
+            raise TransportError("file: migration URI needs a path")
+        return URI("file", path=path, offset=offset)
+    raise TransportError(f"Unsupported migration URI scheme '{scheme}' (livemig speaks tcp:, unix:, fd:, file:)")
+
+
+class Channel:
+    """One migration connection: a socket (with return path) or a one-way file."""
+
+    def __init__(self, sock: socket.socket | None = None, fd: int | None = None):
+        self.sock = sock
+        self.fd = sock.fileno() if sock is not None else fd
+        self.bidirectional = sock is not None
+
+    def sendall(self, data) -> None:
+        try:
+            if self.sock is not None:
+                self.sock.sendall(data)
+            else:
+                mv = memoryview(data).cast("B")
+                while mv:
+                    n = os.write(self.fd, mv)
+                    mv = mv[n:]
+        except OSError as e:
+            raise TransportError(f"migration connection failed while sending: {e.strerror or e}") from None
+
+    def recv_into(self, buf) -> int:
+        try:
+            if self.sock is not None:
+                return self.sock.recv_into(buf)
+            return os.readv(self.fd, [buf])
+        except OSError as e:
+            raise TransportError(f"migration connection failed while receiving: {e.strerror or e}") from None
+
+    def shutdown(self) -> None:
+        """Unblock any thread stuck in send/recv on this channel."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            if self.sock is not None:
+                self.sock.close()
+            elif self.fd is not None:
+                os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+
+def _tune(sock: socket.socket) -> socket.socket:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+    return sock
+
+
+def connect(uri: URI, timeout: float = 30.0) -> Channel:
+    """Open the outgoing side of a migration."""
+    try:
+        if uri.scheme == "tcp":
+            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock.settimeout(None)
+            return Channel(_tune(sock))
+        if uri.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(uri.path)
+            sock.settimeout(None)
+            return Channel(_tune(sock))
+        if uri.scheme == "fd":
+            return _from_fd(uri.fd)
+        if uri.scheme == "file":
+            fd = os.open(uri.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            if uri.offset:
+                os.lseek(fd, uri.offset, os.SEEK_SET)
+            return Channel(fd=fd)
+    except OSError as e:
+        raise TransportError(f"Failed to connect to '{uri}': {e.strerror or e}") from None
+    raise TransportError(f"cannot connect to {uri}")
+
+
+def _from_fd(fd: int) -> Channel:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise TransportError(f"fd {fd} is not an open file descriptor") from None
+    if stat.S_ISSOCK(st.st_mode):
+        return Channel(_tune(socket.socket(fileno=fd)))
+    return Channel(fd=fd)
+
+
+class Listener:
+    """The incoming side: bound at once (so the address is known), accepting one connection later."""
+
+    def __init__(self, uri: URI):
+        self.uri = uri
+        self.sock: socket.socket | None = None
+        self.fd: int | None = None
+        try:
+            if uri.scheme == "tcp":
+                self.sock = socket.create_server((uri.host, uri.port), reuse_port=False,
+                                                 family=socket.AF_INET6 if ":" in uri.host else socket.AF_INET)
+            elif uri.scheme == "unix":
+                if os.path.exists(uri.path) and stat.S_ISSOCK(os.stat(uri.path).st_mode):
+                    os.unlink(uri.path)
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.bind(uri.path)
+                self.sock.listen(1)
+            elif uri.scheme == "fd":
+                self.fd = uri.fd
+                os.fstat(uri.fd)
+            elif uri.scheme == "file":
+                self.fd = os.open(uri.path, os.O_RDONLY | os.O_CLOEXEC)
+                if uri.offset:
+                    os.lseek(self.fd, uri.offset, os.SEEK_SET)
+            else:
+                raise TransportError(f"cannot listen on {uri}")
+        except OSError as e:
+            raise TransportError(f"Failed to listen on '{uri}': {e.strerror or e}") from None
+        self.address: dict | None = None  # QEMU's socket-address shape for query-migrate
+        if self.sock is not None and uri.scheme == "tcp":
+            host, port = self.sock.getsockname()[:2]
+            self.address = {"type": "inet", "host": host, "port": str(port)}
+        elif self.sock is not None:
+            self.address = {"type": "unix", "path": uri.path}
+
+    def accept(self) -> Channel:
+        if self.fd is not None:
+            return _from_fd(self.fd) if self.uri.scheme == "fd" else Channel(fd=self.fd)
+        assert self.sock is not None
+        try:
+            conn, _ = self.sock.accept()
+        except OSError as e:
+            raise TransportError(f"accepting the migration connection failed: {e.strerror or e}") from None
+        finally:
+            self.sock.close()
+            if self.uri.scheme == "unix":
+                try:
+                    os.unlink(self.uri.path)
+                except OSError:
+                    pass
+        return Channel(_tune(conn))
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
