@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import state as S
+from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .ramblock import TPS, RamBlock, unpack_bitmap
@@ -150,7 +151,7 @@ class Outgoing:
         self.error: str | None = None
         self.cancel_requested = False
         self.chan: Channel | None = None
-        self.thread = threading.Thread(target=self._run, name="mig/src/main", daemon=True)
+        self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/src/main", daemon=True)
         self.rp_thread: threading.Thread | None = None
         self.rp_error: str | None = None
         self.shut = threading.Event()
