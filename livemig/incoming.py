@@ -53,13 +53,6 @@ class Incoming:
         self.vmdesc: bytes | None = None
         self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
         self.populate = True
-        if not options.cap("postcopy-ram"):
-            # precopy only: back guest RAM with transparent huge pages where the kernel allows it;
-            # postcopy places 4 KiB pages with userfaultfd and must not get huge pages here
-            try:
-                machine.ram.madvise(mmap.MADV_HUGEPAGE)
-            except (OSError, AttributeError):
-                pass
 
     def start(self) -> None:
         self.state.set(S.NONE, S.SETUP)

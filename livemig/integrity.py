@@ -19,6 +19,8 @@ def compare(src: np.ndarray, dst: np.ndarray) -> tuple[bool, str]:
     cyclically contiguous run of n + 1 (the pages the destination's interrupted pass reached)."""
     if src.shape != dst.shape:
         return False, f"dump sizes differ ({src.size} vs {dst.size} pages)"
+    if src.size == 0:
+        return False, "empty dumps: nothing was checked"
     d = (dst.astype(np.int16) - src.astype(np.int16)) & 0xFF
     values = np.unique(d)
     if values.size == 1:

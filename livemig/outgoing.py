@@ -205,6 +205,9 @@ class Outgoing:
             info["expected-downtime"] = int(self.expected_downtime)
         self.stats.remaining = 0 if st == S.COMPLETED else self._sender_remaining()
         info["ram"] = self.stats.as_qmp()
+        marks = getattr(self, "switchover_marks", None)
+        if st == S.COMPLETED and marks:  # livemig's own: where the downtime went (ms since the stop)
+            info["x-livemig-switchover"] = {k: (v if k == "pages" else round(v * 1000, 2)) for k, v in marks.items()}
         return info
 
     def _sender_remaining(self) -> int:
@@ -354,6 +357,7 @@ class Outgoing:
         m, w = self.machine, self.writer
         self.was_running = m.running
         t_stop = time.monotonic()
+        marks = self.switchover_marks = {}
         if self.was_running:
             m.pause()
             self.paused_by_us = True
@@ -361,15 +365,20 @@ class Outgoing:
         if not self.state.set(S.ACTIVE, S.DEVICE):
             self._check()
         precopy_bytes = w.position
+        marks["pause"] = time.monotonic() - t_stop
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
         self._sync()
+        marks["sync"] = time.monotonic() - t_stop
+        marks["pages"] = self.sender.ndirty
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID))
         while self.sender.ndirty:
             self.sender.send(self.sender.next_batch())
         w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        marks["ram"] = time.monotonic() - t_stop
         w.write(self._device_sections())
         w.write(WS.eof() + WS.vmdescription(self._vmdesc()))
         w.flush()
+        marks["devices"] = time.monotonic() - t_stop
         self.stats.downtime_bytes = w.position - precopy_bytes
         self.stats.transferred = w.position
         self.stats.remaining = 0
@@ -382,6 +391,7 @@ class Outgoing:
             if self.shut_value != 0:
                 raise MigrationError("destination reported an error loading the migration stream (SHUT 1)")
         self.end_time = time.monotonic()
+        marks["shut"] = self.end_time - t_stop
         self.downtime_ms = int((self.end_time - t_stop) * 1000)
         dt = self.end_time - self.start_time - self.setup_time / 1000
         if dt > 0:

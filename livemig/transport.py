@@ -24,10 +24,19 @@ class URI:
 
     def __str__(self) -> str:
         if self.scheme == "tcp":
-            return f"tcp:{self.host}:{self.port}"
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"tcp:{host}:{self.port}"
         if self.scheme == "fd":
             return f"fd:{self.fd}"
+        if self.scheme == "file" and self.offset:
+            return f"file:{self.path},offset={self.offset}"
         return f"{self.scheme}:{self.path}"
+
+
+def _number(s: str) -> bool:
+    """1..20 ASCII decimal digits (str.isdigit() also accepts '²', which int() refuses, and int()
+    refuses strings of more than 4300 digits)."""
+    return 0 < len(s) <= 20 and s.isascii() and s.isdigit()
 
 
 def parse_uri(uri: str) -> URI:
@@ -38,7 +47,7 @@ def parse_uri(uri: str) -> URI:
     if scheme == "tcp":
         host, sep, port = rest.rpartition(":")
         host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        if not sep or not host or not _number(port) or int(port) > 65535:
             raise TransportError(f"Invalid tcp address '{rest}': expected HOST:PORT")
         return URI("tcp", host=host, port=int(port))
     if scheme == "unix":
@@ -46,7 +55,7 @@ def parse_uri(uri: str) -> URI:
             raise TransportError("unix: migration URI needs a path")
         return URI("unix", path=rest)
     if scheme == "fd":
-        if not rest.isdigit():
+        if not _number(rest):
             raise TransportError(f"fd: migration URI needs a file descriptor number, got '{rest}'")
         return URI("fd", fd=int(rest))
     if scheme == "file":
@@ -54,7 +63,7 @@ def parse_uri(uri: str) -> URI:
         offset = 0
         if opt:
             key, _, val = opt.partition("=")
-            if key != "offset" or not val.isdigit():
+            if key != "offset" or not _number(val):
                 raise TransportError(f"Invalid file: option '{opt}': only offset=N is accepted")
             offset = int(val)
         if not path:

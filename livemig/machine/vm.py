@@ -96,6 +96,10 @@ class KvmMachine:
         self.ram = mmap.mmap(-1, self.memory_size,
                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:  # like QEMU: transparent huge pages for guest RAM (postcopy turns them off again)
+            self.ram.madvise(mmap.MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass
         self.ram_host_addr = kvm.buffer_address(self.ram)
         # (slot, gpa, block offset, size)
         self._slots: list[tuple[int, int, int, int]] = [(0, 0, 0, self.lowmem_size)]

@@ -105,6 +105,9 @@ class PostcopyRun:
 
 @dataclass(frozen=True)
 class Packaged:
+    """The blob's nested stream is decoded inline: its events follow, up to POSTCOPY_RUN, which must
+    come before the blob ends (bytes of the blob after RUN are dropped, as QEMU does)."""
+
     length: int
 
 
@@ -176,6 +179,8 @@ class StreamDecoder:
         self.vmdesc = bytearray()
         self.vmdesc_truncated = False
         self.bytes_consumed = 0
+        self.package_end: int | None = None  # stream position where the PACKAGED blob being parsed ends
+        self.package_skip = 0  # bytes of the blob left after its POSTCOPY_RUN (QEMU drops them)
 
     # -- buffer management
     def space(self, min_free: int = 64 << 10) -> memoryview:
@@ -242,14 +247,25 @@ class StreamDecoder:
             return None
         if self.phase == _VMDESC:
             return self._drain_vmdesc()
+        if self.package_skip:
+            n = min(self.package_skip, self.end - self.start)
+            self.start += n
+            self.bytes_consumed += n
+            self.package_skip -= n
+            return None
+        if self.package_end is not None and self.bytes_consumed == self.package_end:
+            raise ProtocolError("PACKAGED blob ended without POSTCOPY_RUN")
         if self.phase == _RAM:
             fast = self._ram_run()
             if fast is not None:
                 return fast
-        cur = Cursor(self.buf, self.start, self.end)
+        limit = self._limit()
+        cur = Cursor(self.buf, self.start, limit)
         try:
             ev = self._one(cur)
         except Incomplete:
+            if limit < self.end:
+                raise ProtocolError("a record runs past the end of its PACKAGED blob") from None
             if self.start == 0 and self.end == len(self.buf):
                 raise ProtocolError(f"stream record larger than the {len(self.buf)}-byte buffer") from None
             return None
@@ -258,6 +274,12 @@ class StreamDecoder:
         self.bytes_consumed += cur.pos - self.start
         self.start = cur.pos
         return ev
+
+    def _limit(self) -> int:
+        """End of the parseable window: the received bytes, cut at the end of a PACKAGED blob."""
+        if self.package_end is None:
+            return self.end
+        return min(self.end, self.start + (self.package_end - self.bytes_consumed))
 
     def _one(self, cur: Cursor):
         if self.phase == _HEADER:
@@ -286,7 +308,7 @@ class StreamDecoder:
             if n > 255:
                 raise ProtocolError(f"machine type name of {n} bytes in CONFIGURATION")
             raw = cur.read(n)
-            if cur.remaining >= 1 and cur.peek_u8() == Section.SUBSECTION:
+            if cur.peek_u8() == Section.SUBSECTION:
                 raise ProtocolError("CONFIGURATION subsections (validated capabilities, page bits, uuid) are not supported")
             return Configuration(raw.decode("ascii", "replace"))
         if t in (Section.START, Section.FULL):
@@ -318,6 +340,8 @@ class StreamDecoder:
         if t == Section.COMMAND:
             return self._command(cur)
         if t == Section.EOF:
+            if self.package_end is not None:
+                raise ProtocolError("EOF inside a PACKAGED blob (the package must end with POSTCOPY_RUN)")
             self.phase = _AFTER_EOF
             return Eof()
         raise ProtocolError(f"unknown section type 0x{t:02x}")
@@ -394,6 +418,9 @@ class StreamDecoder:
         blocks = []
         left = total
         while left > 0:
+            if cur.peek_u8() == 0:
+                raise ProtocolError(f"RAM block list ends with 0x{left:x} of the announced total 0x{total:x} bytes "
+                                    "unaccounted for (the total does not match the block list)")
             name = cur.counted_string("RAM block name")
             length = cur.be64()
             local = self._block(name)
@@ -408,11 +435,14 @@ class StreamDecoder:
                 raise ProtocolError("RAM block lengths exceed the announced total")
             left -= length
             blocks.append(R.BlockInfo(name, length, page_size))
+        if cur.peek_u8() != 0:  # EOS or MULTIFD_FLUSH follow the list; their words start with 0x00
+            raise ProtocolError(f"RAM block list is longer than the announced total 0x{total:x} bytes "
+                                "(the total does not match the block list)")
         return RamSetup(blocks)
 
     def _ram_run(self):
         """Vectorised path: a run of CONTINUE|PAGE or CONTINUE|ZERO records."""
-        n = self.end - self.start
+        n = self._limit() - self.start
         if n < 8 or self.last_block is None:
             return None
         (word,) = struct.unpack_from(">Q", self.buf, self.start)
@@ -432,11 +462,18 @@ class StreamDecoder:
         k = int(bad.argmax()) if bad.any() else avail
         offsets = (words[:k] & ~np.uint64(_PAGE_MASK)).astype(np.uint64)
         block = self._block(self.last_block)
-        if int(offsets.max()) + TPS > block.length:
-            raise ProtocolError(f"page offset 0x{int(offsets.max()):x} outside RAM block '{block.name}' of 0x{block.length:x} bytes")
+        last_ok = block.length - TPS
+        invalid = offsets > np.uint64(last_ok) if last_ok >= 0 else np.ones(k, dtype=bool)
         if size == R.ZERO_RECORD:
-            if rec[:k, 8].any():
-                raise ProtocolError("ZERO page with a non-zero fill byte")
+            invalid |= rec[:k, 8] != 0
+        if invalid.any():
+            # stop the run before the first bad record; the single-record path reports it, with the
+            # same message whatever the chunking
+            k = int(invalid.argmax())
+            if k == 0:
+                return None
+            offsets = offsets[:k]
+        if size == R.ZERO_RECORD:
             ev = ZeroPages(block.name, offsets)
         else:
             ev = Pages(block.name, offsets, rec[:k, 8:])
@@ -455,6 +492,22 @@ class StreamDecoder:
         if fixed is not None and n != fixed:
             raise ProtocolError(f"command {cmd.name} has length {n}, expected {fixed}")
         body = Cursor(cur.read(n))
+        try:
+            ev = self._command_body(cmd, n, body)
+        except Incomplete:
+            # the payload is all there: a field that runs past it is malformed, not pending
+            raise ProtocolError(f"command {cmd.name}: {n}-byte payload is too short for its contents") from None
+        here = self.bytes_consumed + (cur.pos - self.start)  # stream position after this command
+        if cmd is Cmd.PACKAGED:
+            if self.package_end is not None:
+                raise ProtocolError("PACKAGED command inside a PACKAGED blob")
+            self.package_end = here + ev.length
+        elif cmd is Cmd.POSTCOPY_RUN and self.package_end is not None:
+            self.package_skip = self.package_end - here
+            self.package_end = None
+        return ev
+
+    def _command_body(self, cmd: Cmd, n: int, body: Cursor):
         if cmd is Cmd.OPEN_RETURN_PATH:
             return OpenReturnPath()
         if cmd is Cmd.PING:
