@@ -70,7 +70,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     if not args.incoming:
         machine.load_boot_sector(image)
     try:
-        proc = VMProcess(machine, args.qmp, incoming=args.incoming)
+        proc = VMProcess(machine, args.qmp, incoming=args.incoming, prealloc=args.incoming_prealloc == "on")
     except (MigrationError, OSError) as e:
         print(f"livemig: cannot serve QMP on {args.qmp}: {e}", file=sys.stderr)
         return 1
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--qmp", required=True, help="QMP socket: unix:PATH or tcp:127.0.0.1:PORT")
     vm.add_argument("--serial", default="null", help="UART backend: file:PATH, stdio, unix:PATH,server=on,wait=off, null")
     vm.add_argument("--incoming", help="wait for a migration: 'defer' or a URI")
+    vm.add_argument("--incoming-prealloc", choices=("on", "off"), default="on",
+                    help="with --incoming: allocate guest RAM in the background while waiting (default on)")
     vm.set_defaults(func=cmd_vm)
 
     mg = sub.add_parser("migrate", help="migrate a running VM to a waiting one, over QMP")

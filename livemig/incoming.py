@@ -17,14 +17,13 @@ from . import state as S
 from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
-from .ramblock import TPS, RamBlock
+from .ramblock import TPS, RamBlock, populate
 from .stats import RamStats
 from .transport import Channel, Listener, URI
 from .wire import decoder as D
 from .wire import returnpath as RPW
 from .wire import stream as WS
 
-MADV_POPULATE_WRITE = 23
 
 
 class Incoming:
@@ -171,9 +170,7 @@ class Incoming:
 
     def _populate(self, first: int, n: int) -> None:
         """Allocate a run of fresh destination pages in one call (far cheaper than faulting them one by one)."""
-        try:
-            self.machine.ram.madvise(MADV_POPULATE_WRITE, first * TPS, n * TPS)
-        except OSError:
+        if not populate(self.machine.ram_host_addr + first * TPS, n * TPS):
             self.populate = False  # kernel older than 5.14: let the copy fault pages in
 
     def _finish(self) -> None:

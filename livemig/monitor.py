@@ -13,6 +13,7 @@ from .errors import GuestError, MigrationError, TransportError
 from .incoming import Incoming
 from .options import PARAMETERS, MigrationOptions
 from .outgoing import Outgoing
+from .ramblock import Prefaulter
 from .qmp import AfterReply, QMPError, QMPServer
 from .transport import parse_uri
 
@@ -22,12 +23,14 @@ VERSION = {"qemu": {"major": 10, "minor": 2, "micro": 0}, "package": f"livemig {
 class VMProcess:
     """Glue between QMP and the machine: run state, stop/cont, pmemsave and migration."""
 
-    def __init__(self, machine: Any, qmp_address: str, incoming: str | None = None):
+    def __init__(self, machine: Any, qmp_address: str, incoming: str | None = None, prealloc: bool = True):
         self.machine = machine
         self.opts = MigrationOptions()
         self.outgoing: Outgoing | None = None
         self.incoming: Incoming | None = None
         self.incoming_spec = incoming  # None, "defer" or a URI
+        self.prealloc = prealloc  # allocate guest RAM in the background while waiting for a stream
+        self.prefaulter: Prefaulter | None = None
         self.runstate = "inmigrate" if incoming else "prelaunch"
         self.autostart = True
         self.lock = threading.RLock()
@@ -38,6 +41,8 @@ class VMProcess:
     # -- life cycle
     def start(self) -> None:
         self.qmp.start()
+        if self.incoming_spec and self.prealloc:
+            self.prefaulter = Prefaulter(self.machine.ram_host_addr, self.machine.memory_size).start()
         if self.incoming_spec and self.incoming_spec != "defer":
             self._start_incoming(self.incoming_spec, exit_on_error=True)
         elif not self.incoming_spec:
@@ -57,6 +62,8 @@ class VMProcess:
         self.quit_event.wait()
 
     def shutdown(self) -> None:
+        if self.prefaulter:
+            self.prefaulter.stop()
         if self.incoming:
             self.incoming.cancel()
         if self.outgoing:

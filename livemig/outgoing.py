@@ -262,7 +262,10 @@ class Outgoing:
         self._rate_bytes0 = w.position
         while True:
             self._check()
-            if self.sender.ndirty * TPS <= self._threshold():
+            # switch over only once the first full pass is done (the bulk copy costs no downtime
+            # while the guest runs) and what is left fits the downtime limit
+            pending = self.sender.ndirty * TPS
+            if pending == 0 or (self.stats.dirty_sync_count >= 2 and pending <= self._threshold()):
                 self._sync()
                 if self.sender.ndirty * TPS <= self._threshold():
                     break
@@ -270,10 +273,18 @@ class Outgoing:
         self._complete()
 
     def _threshold(self) -> float:
-        return self.bandwidth * self.opts.param("downtime-limit") / 1000.0
+        """Bytes that fit the downtime limit: measured bandwidth x downtime-limit. The bandwidth is the
+        lower of the last 100 ms window and the average since the last sync, so that one fast window
+        does not trigger a switchover the link cannot finish in time."""
+        bw = self.bandwidth
+        dt = time.monotonic() - self._pass_t0
+        if dt >= RATE_WINDOW_S:
+            bw = min(bw, (self.writer.position - self._pass_bytes0) / dt)
+        return bw * self.opts.param("downtime-limit") / 1000.0
 
     def _sync(self) -> None:
         now = time.monotonic()
+        self._pass_t0, self._pass_bytes0 = now, self.writer.position
         newly = self.sender.merge(self.machine.dirty_log_sync())
         st = self.stats
         st.dirty_sync_count += 1
