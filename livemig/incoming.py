@@ -17,6 +17,7 @@ from . import state as S
 from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
+from .postcopy import PostcopyDestination, check_host
 from .ramblock import TPS, RamBlock, populate
 from .stats import RamStats
 from .transport import Channel, Listener, URI
@@ -49,9 +50,12 @@ class Incoming:
         self.nonzero = np.zeros(self.block.npages, dtype=np.bool_)  # pages we wrote non-zero data to
         self.received = np.zeros(self.block.npages, dtype=np.bool_)
         self.device_states: dict[tuple[str, int], dict] = {}
+        self.pc: PostcopyDestination | None = None  # set by POSTCOPY_ADVISE
+        self.running_guest = False  # POSTCOPY_RUN started the guest here
         self.vmdesc: bytes | None = None
         self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
         self.populate = True
+        self.prefaulter = None  # background allocation started by the VM process, if any
 
     def start(self) -> None:
         self.state.set(S.NONE, S.SETUP)
@@ -68,6 +72,11 @@ class Incoming:
         addr = self.listener.address
         if addr is not None:
             info["socket-address"] = [addr]
+        if self.pc is not None and self.state.status == S.COMPLETED:
+            if self.opts.cap("postcopy-blocktime"):
+                info.update(self.pc.stats())
+            info["x-livemig-postcopy"] = {"requests": self.pc.requests, "faults": self.pc.faults,
+                                          **self.pc.latency_percentiles()}
         return info
 
     def cancel(self) -> None:
@@ -80,6 +89,8 @@ class Incoming:
     def _run(self) -> None:
         try:
             self.chan = self.listener.accept()
+            if self.prefaulter is not None:
+                self.prefaulter.stop()  # from here on the loader allocates what it receives
             self.state.set(S.SETUP, S.ACTIVE)
             self._load()
             self._finish()
@@ -110,11 +121,25 @@ class Incoming:
             while (ev := dec.next_event()) is not None:
                 if self._handle(ev):
                     eof = True
+                    if self.pc is not None and self.pc.listening:
+                        break  # postcopy streams end at EOF: the source waits for SHUT
+            if eof and self.pc is not None and self.pc.listening:
+                break
         self.stats.transferred = dec.bytes_consumed
         if not eof:
             raise ProtocolError("migration stream ended without EOF")
 
     def _handle(self, ev) -> bool:
+        if isinstance(ev, D.Pages) and self.pc is not None and self.pc.listening:
+            idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+            self.pc.place_pages(idx, ev.data)
+            self.stats.normal += idx.size
+            return False
+        if isinstance(ev, D.ZeroPages) and self.pc is not None and self.pc.listening:
+            idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+            self.pc.place_zero_pages(idx)
+            self.stats.duplicate += idx.size
+            return False
         if isinstance(ev, D.Pages):
             idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
             n = idx.size
@@ -165,7 +190,32 @@ class Incoming:
         if isinstance(ev, (D.Header, D.RamSetup, D.SectionEnd, D.SwitchoverStart)):
             return False
         if isinstance(ev, D.PostcopyAdvise):
-            raise ProtocolError("postcopy is not implemented yet")
+            self._advise(ev)
+            return False
+        if isinstance(ev, D.Discard):
+            if self.pc is None or self.pc.listening:
+                raise ProtocolError("POSTCOPY_RAM_DISCARD outside the ADVISE..LISTEN window")
+            self.pc.discard(ev.ranges)
+            return False
+        if isinstance(ev, D.Packaged):
+            if self.pc is None or self.pc.listening:
+                raise ProtocolError("PACKAGED without POSTCOPY_ADVISE")
+            return False
+        if isinstance(ev, D.PostcopyListen):
+            if self.pc is None or self.pc.listening:
+                raise ProtocolError("POSTCOPY_LISTEN without POSTCOPY_ADVISE (or twice)")
+            if not self.rp_open:
+                raise ProtocolError("postcopy needs a return path")
+            self.pc.listen()
+            self.state.set(S.ACTIVE, S.POSTCOPY_DEVICE)
+            return False
+        if isinstance(ev, D.PostcopyRun):
+            if self.pc is None or not self.pc.listening:
+                raise ProtocolError("POSTCOPY_RUN before POSTCOPY_LISTEN")
+            self._load_devices()
+            self.running_guest = True
+            self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)
+            return False
         raise ProtocolError(f"unexpected {type(ev).__name__} in a precopy stream")
 
     def _populate(self, first: int, n: int) -> None:
@@ -173,7 +223,20 @@ class Incoming:
         if not populate(self.machine.ram_host_addr + first * TPS, n * TPS):
             self.populate = False  # kernel older than 5.14: let the copy fault pages in
 
-    def _finish(self) -> None:
+    def _advise(self, ev: D.PostcopyAdvise) -> None:
+        if ev.pagesize_summary is None:
+            raise ProtocolError("dirty-bitmaps-only postcopy (ADVISE of length 0) is not supported")
+        if ev.pagesize_summary != self.block.page_size:
+            raise ProtocolError(f"postcopy page sizes differ: source summary 0x{ev.pagesize_summary:x}, "
+                                f"destination 0x{self.block.page_size:x}")
+        if ev.target_page_size != TPS:
+            raise ProtocolError(f"target page sizes differ: source {ev.target_page_size}, destination {TPS}")
+        check_host()
+        self.pc = PostcopyDestination(self.block, self.machine.ram_host_addr, self._send_rp,
+                                      self.received, self.nonzero, self.machine.vcpu_thread_ids)
+        self.pc.advise()
+
+    def _load_devices(self) -> None:
         m = self.machine
         for dev in m.devices():
             values = self.device_states.get((dev.idstr, dev.instance_id))
@@ -184,7 +247,14 @@ class Incoming:
         if self.on_started:
             self.on_started()
         self.emit("RESUME", None)
-        self.state.set(S.ACTIVE, S.COMPLETED)
+
+    def _finish(self) -> None:
+        if self.pc is not None and self.pc.listening:
+            self.pc.finish()
+            self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+        else:
+            self._load_devices()
+            self.state.set(S.ACTIVE, S.COMPLETED)
         try:
             self._send_rp(RPW.shut(0))
         except OSError:
@@ -206,7 +276,15 @@ class Incoming:
         except Exception:
             pass
         self._close()
-        self.state.set({S.SETUP, S.ACTIVE}, S.FAILED)
+        if self.pc is not None and self.pc.listening:
+            try:
+                self.pc.finish()
+            except Exception:
+                pass
+        self.state.set({S.SETUP, S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE}, S.FAILED)
+        if self.running_guest:
+            print(f"livemig: postcopy failed after the guest started here: {msg}", file=sys.stderr, flush=True)
+            return  # the guest runs here now: keep the process (and its state) alive
         if self.exit_on_error:
             print(f"livemig: load of migration failed: {msg}", file=sys.stderr, flush=True)
             os._exit(1)

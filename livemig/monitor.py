@@ -13,6 +13,7 @@ from .errors import GuestError, MigrationError, TransportError
 from .incoming import Incoming
 from .options import PARAMETERS, MigrationOptions
 from .outgoing import Outgoing
+from .postcopy import check_host
 from .ramblock import Prefaulter
 from .qmp import AfterReply, QMPError, QMPServer
 from .transport import parse_uri
@@ -168,6 +169,12 @@ class VMProcess:
             self.opts.set_capabilities(args["capabilities"])
         except MigrationError as e:
             raise QMPError(str(e)) from None
+        if self.runstate == "inmigrate" and self.opts.cap("postcopy-ram"):
+            try:  # as QEMU: a destination checks for userfaultfd as soon as postcopy is enabled
+                check_host()
+            except MigrationError as e:
+                self.opts.set_capabilities([{"capability": "postcopy-ram", "state": False}])
+                raise QMPError(str(e)) from None
 
     def q_set_params(self, args: dict) -> None:
         try:
@@ -240,6 +247,7 @@ class VMProcess:
                            on_started=self._incoming_started)
         except TransportError as e:
             raise QMPError(str(e)) from None
+        inc.prefaulter = self.prefaulter
         self.incoming = inc
         inc.start()
 
@@ -265,7 +273,7 @@ class VMProcess:
             raise QMPError("Enable postcopy with migrate-set-capabilities before the start of migration")
         if not self.outgoing:
             raise QMPError("Postcopy must be started after migration has been started")
-        raise QMPError("postcopy is not implemented yet")
+        self.outgoing.start_postcopy()
 
     def q_query_migrate(self, args: dict) -> dict:
         if self.outgoing:

@@ -3,6 +3,7 @@ return-path thread. Mirrors QEMU's migration_thread / source_return_path_thread.
 """
 from __future__ import annotations
 
+import collections
 import json
 import socket
 import threading
@@ -15,7 +16,7 @@ from . import state as S
 from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
-from .ramblock import TPS, RamBlock, unpack_bitmap
+from .ramblock import TPS, RamBlock, runs, unpack_bitmap
 from .stats import RamStats
 from .transport import URI, Channel, connect
 from .wire import ram as WR
@@ -29,6 +30,7 @@ RATE_WINDOW_S = 0.1  # max-bandwidth is enforced per 100 ms window
 SCAN_WINDOW = 1 << 14  # pages examined per bitmap scan step
 SHUT_TIMEOUT_S = 120.0
 RAM_SECTION_ID = 0
+MAX_DISCARDS_PER_COMMAND = 12
 
 
 class Writer:
@@ -101,6 +103,16 @@ class RamSender:
                 self.scan = 0
         return np.empty(0, dtype=np.intp)
 
+    def take(self, first: int, count: int) -> np.ndarray:
+        """Claim the still-dirty pages of [first, first+count) (a page request) and move the scan
+        position right after them, so the background pass continues from there."""
+        hits = np.flatnonzero(self.dirty[first:first + count]) + first
+        if hits.size:
+            self.dirty[hits] = False
+            self.ndirty -= hits.size
+        self.scan = first + count if first + count < self.block.npages else 0
+        return hits
+
     def send(self, idx: np.ndarray) -> None:
         """Send the pages `idx` (ascending): zero pages as ZERO records, the rest as PAGE records."""
         if not self.named:
@@ -166,6 +178,12 @@ class Outgoing:
         self.was_running = False
         self.paused_by_us = False
         self.on_finish: Callable[["Outgoing"], None] | None = None
+        self.postcopy_requested = False
+        self.in_postcopy = False
+        self.requests: collections.deque[tuple[int, int]] = collections.deque()
+        self.wakeup = threading.Event()  # a page request arrived
+        self._rp_last_block: str | None = None
+        self.package_loaded = threading.Event()  # PONG(0x42)
 
     # -- control (called from QMP)
     def start(self) -> None:
@@ -183,6 +201,11 @@ class Outgoing:
         self.state.set({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE}, S.CANCELLING)
         if self.chan is not None:
             self.chan.shutdown()
+
+    def start_postcopy(self) -> None:
+        """migrate-start-postcopy: only a flag; the migration thread switches at its next step."""
+        self.postcopy_requested = True
+        self.wakeup.set()
 
     def _on_state(self, status: str) -> None:
         if self.opts.cap("events"):
@@ -245,7 +268,9 @@ class Outgoing:
             self.rp_thread.start()
             w.write(WS.command(WS.Cmd.OPEN_RETURN_PATH) + WS.ping(1))
         if self.opts.cap("postcopy-ram"):
-            raise MigrationError("postcopy-ram is not implemented yet")
+            if not use_rp:
+                raise MigrationError("postcopy needs a return path: use a socket transport (tcp:, unix:, fd:)")
+            w.write(WS.postcopy_advise(block.page_size, TPS))
         w.write(WS.section_header(WS.Section.START, RAM_SECTION_ID, WR.IDSTR, WR.INSTANCE, WR.VERSION))
         w.write(WR.setup_payload([WR.BlockInfo(block.name, block.size)]))
         w.write(WS.section_footer(RAM_SECTION_ID))
@@ -262,6 +287,9 @@ class Outgoing:
         self._rate_bytes0 = w.position
         while True:
             self._check()
+            if self.postcopy_requested:
+                self._postcopy()
+                return
             # switch over only once the first full pass is done (the bulk copy costs no downtime
             # while the guest runs) and what is left fits the downtime limit
             pending = self.sender.ndirty * TPS
@@ -339,11 +367,115 @@ class Outgoing:
         if now - self._rate_window_start >= RATE_WINDOW_S:
             self._rate_window_start, self._rate_bytes0 = now, w.position
 
-    def _wait_rate_window(self) -> None:
+    def _wait_rate_window(self, urgent: threading.Event | None = None) -> None:
         end = self._rate_window_start + RATE_WINDOW_S
         while (left := end - time.monotonic()) > 0 and not self.cancel_requested:
-            time.sleep(min(left, 0.01))
+            if urgent is not None:
+                if urgent.wait(min(left, 0.01)):
+                    return  # queued page requests ignore the rate limit
+            else:
+                time.sleep(min(left, 0.01))
         self._rate_window_start, self._rate_bytes0 = time.monotonic(), self.writer.position
+
+    # -- postcopy (PROTOCOL.md §5.3, §5.7)
+    def _postcopy(self) -> None:
+        m, w, sender = self.machine, self.writer, self.sender
+        w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        self.was_running = m.running
+        t_stop = time.monotonic()
+        if self.was_running:
+            m.pause()
+            self.paused_by_us = True
+            self.emit("STOP", None)
+        if not self.state.set(S.ACTIVE, S.DEVICE):
+            self._check()
+        self.stats.precopy_bytes = w.position
+        w.write(WS.command(WS.Cmd.SWITCHOVER_START))
+        self._sync()
+        m.dirty_log_stop()
+        self.dirty_logging = False
+        # discard every page the destination must not keep: never sent, or dirtied since
+        for name_ranges in self._discard_commands():
+            w.write(name_ranges)
+        sender.named = False  # the CONTINUE context restarts after the discards
+        w.write(WS.ping(2))
+        package = bytearray(WS.command(WS.Cmd.POSTCOPY_LISTEN))
+        package += self._device_sections()
+        package += WS.ping(3) + WS.ping(WS.PING_PACKAGED_LOADED) + WS.command(WS.Cmd.POSTCOPY_RUN)
+        w.write(WS.packaged(bytes(package)))
+        w.flush()
+        self.downtime_ms = int((time.monotonic() - t_stop) * 1000)
+        self.switch_time = time.monotonic()
+        w.write(WS.ping(4))
+        w.flush()
+        self.in_postcopy = True
+        self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)
+        self._postcopy_loop()
+        w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        w.write(WS.eof())
+        w.flush()
+        self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes
+        self.stats.transferred = w.position
+        deadline = time.monotonic() + SHUT_TIMEOUT_S
+        while not self.shut.wait(0.05):
+            self._check()
+            if time.monotonic() > deadline:
+                raise MigrationError("destination did not confirm completion (no SHUT on the return path)")
+        if self.shut_value != 0:
+            raise MigrationError("destination reported an error in postcopy (SHUT 1)")
+        self.end_time = time.monotonic()
+        self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+
+    def _discard_commands(self) -> list[bytes]:
+        ranges = [(a * TPS, n * TPS) for a, n in runs(self.sender.dirty)]
+        return [WS.ram_discard(self.sender.block.name, ranges[i:i + MAX_DISCARDS_PER_COMMAND])
+                for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND)]
+
+    def _postcopy_loop(self) -> None:
+        """Background push of the remaining pages; page requests jump the queue."""
+        w, sender = self.writer, self.sender
+        while True:
+            self._check()
+            if self.state.status == S.POSTCOPY_DEVICE and self.package_loaded.is_set():
+                self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)
+            if not sender.ndirty and not self.requests:
+                if self.package_loaded.is_set():
+                    return
+                self.package_loaded.wait(0.05)
+                continue
+            w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID))
+            t0 = time.monotonic()
+            limit = self.opts.param("max-postcopy-bandwidth") * RATE_WINDOW_S
+            throttled = False
+            while time.monotonic() - t0 < ITERATE_MAX_S:
+                if self._serve_requests():
+                    continue
+                if not sender.ndirty:
+                    break
+                if limit and w.position - self._rate_bytes0 >= limit:
+                    throttled = True
+                    break
+                sender.send(sender.next_batch())
+            w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
+            w.flush()
+            self._account()
+            self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes
+            if throttled:
+                self._wait_rate_window(urgent=self.wakeup)
+
+    def _serve_requests(self) -> bool:
+        """Send every queued requested page that is still dirty; True if any request was taken."""
+        took = False
+        while self.requests:
+            start, length = self.requests.popleft()
+            took = True
+            idx = self.sender.take(start // TPS, length // TPS)
+            if idx.size:
+                self.sender.send(idx)
+        if took:
+            self.writer.flush()
+            self.wakeup.clear()
+        return took
 
     def _device_sections(self) -> bytes:
         out = bytearray()
@@ -354,7 +486,7 @@ class Outgoing:
         return bytes(out)
 
     def _vmdesc(self) -> bytes:
-        devs = [{"name": "ram", "instance_id": 0, "vmsd_name": "ram", "version": WR.VERSION, "fields": []}]
+        devs = []  # RAM is not a vmstate device: QEMU's tools parse it by its fixed layout
         for d in self.machine.devices():
             devs.append({"name": d.idstr, "instance_id": d.instance_id, "vmsd_name": d.vmsd.name,
                          "version": d.vmsd.version_id, **describe(d.vmsd)})
@@ -425,7 +557,10 @@ class Outgoing:
                 self.state.set(S.CANCELLING, S.CANCELLED)
             return
         self.error = msg
-        self.state.set(S.RUNNING - S.IN_POSTCOPY - {S.CANCELLING} | {S.POSTCOPY_DEVICE}, S.FAILED)
+        if self.state.status == S.POSTCOPY_ACTIVE:
+            self.error = f"{msg} (postcopy: the guest runs on the destination; the source keeps its paused copy)"
+            self.guest_moved = True
+        self.state.set(S.RUNNING - S.IN_POSTCOPY - {S.CANCELLING} | {S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE}, S.FAILED)
 
     def _cleanup(self) -> None:
         if getattr(self, "dirty_logging", False):
@@ -433,7 +568,7 @@ class Outgoing:
                 self.machine.dirty_log_stop()
             except Exception:
                 pass
-        if self.state.status != S.COMPLETED and self.paused_by_us:
+        if self.state.status != S.COMPLETED and self.paused_by_us and not getattr(self, "guest_moved", False):
             self.machine.resume()  # a failed or cancelled precopy leaves the guest running
             self.emit("RESUME", None)
         if self.chan is not None:
@@ -443,6 +578,23 @@ class Outgoing:
             self.rp_thread.join(timeout=5)
 
     # -- the return-path thread
+    def _queue_request(self, msg: RPW.ReqPages) -> None:
+        if not self.in_postcopy:
+            raise ProtocolError("return path: page request while not in postcopy")
+        block = msg.block or self._rp_last_block
+        if block != self.sender.block.name:
+            raise ProtocolError(f"return path: page request for unknown RAM block {block!r}")
+        self._rp_last_block = block
+        hps = self.sender.block.page_size
+        if msg.start % hps or msg.length % hps or msg.length == 0:
+            raise ProtocolError(f"return path: page request 0x{msg.start:x}+0x{msg.length:x} "
+                                f"not aligned to the {hps}-byte host page")
+        if msg.start + msg.length > self.sender.block.size:
+            raise ProtocolError(f"return path: page request 0x{msg.start:x}+0x{msg.length:x} outside RAM block {block!r}")
+        self.stats.postcopy_requests += 1
+        self.requests.append((msg.start, msg.length))
+        self.wakeup.set()
+
     def _rp_loop(self) -> None:
         chan = self.chan
         assert chan is not None and chan.sock is not None
@@ -458,12 +610,14 @@ class Outgoing:
                 while (msg := dec.next_message()) is not None:
                     if isinstance(msg, RPW.Pong):
                         self.pongs.append(msg.value)
+                        if msg.value == WS.PING_PACKAGED_LOADED:
+                            self.package_loaded.set()
                     elif isinstance(msg, RPW.Shut):
                         self.shut_value = msg.value
                         self.shut.set()
                         return
                     elif isinstance(msg, RPW.ReqPages):
-                        raise ProtocolError("return path: page request while not in postcopy")
+                        self._queue_request(msg)
                     else:
                         raise ProtocolError(f"return path: unexpected {type(msg).__name__} message")
         except ProtocolError as e:

@@ -67,7 +67,7 @@ class Prefaulter:
     leaves it untouched.
     """
 
-    def __init__(self, addr: int, size: int, chunk: int = 32 << 20):
+    def __init__(self, addr: int, size: int, chunk: int = 4 << 20):
         self.addr, self.size, self.chunk = addr, size, chunk
         self.done_bytes = 0
         self._stop = threading.Event()

@@ -171,6 +171,11 @@ class KvmMachine:
             self._thread = threading.Thread(target=self._vcpu_main, name="vcpu0", daemon=True)
             self._thread.start()
 
+    def vcpu_thread_ids(self) -> list[int]:
+        """Kernel thread ids of the vCPU threads (userfaultfd reports them for faults)."""
+        t = self._thread
+        return [t.native_id] if t is not None and t.native_id is not None else []
+
     @property
     def running(self) -> bool:
         return self._started and not self._dead and not self._want_pause and not self._stop

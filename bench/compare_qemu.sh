@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# livemig vs QEMU 7.2 on the same boot-sector guest, same QMP sequence, same run (alternating),
+# through the shared harness (../shared/bench/compare.py). Needs: apt-get install -y qemu-system-x86
+# and livemig on PATH (pip install -e .).
+#   SCENARIOS="idle idle-prefill full-precopy" MEMS="1G 4G" REPS=3 bench/compare_qemu.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+harness=${HARNESS:-$here/../../shared/bench}
+[ -f "$harness/compare.py" ] || { echo "shared bench harness not found at $harness (set HARNESS=)" >&2; exit 2; }
+command -v qemu-system-x86_64 >/dev/null || { echo "QEMU missing: apt-get install -y qemu-system-x86" >&2; exit 2; }
+out=${OUT:-$here/results/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$out"
+for mem in ${MEMS:-1G 4G}; do
+  for sc in ${SCENARIOS:-idle idle-prefill full-precopy}; do
+    echo "== $sc $mem"
+    (cd "$harness" && python3 compare.py --scenario "$sc" --mem "$mem" --reps "${REPS:-3}" \
+        --out "$out/${sc}_${mem}" ${PORT:+--port $PORT}) | tee "$out/${sc}_${mem}.txt" || true
+  done
+done
+echo "results in $out"

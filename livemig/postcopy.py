@@ -1,0 +1,237 @@
+"""Destination side of postcopy: discards, userfaultfd registration, the fault thread that turns
+guest faults into page requests, atomic page placement, and fault-latency accounting.
+
+The loader thread keeps reading the main stream after POSTCOPY_RUN (it is QEMU's listen thread
+from then on) and calls place_pages / place_zero_pages; the fault thread (mig/dst/fault) reads
+userfaultfd and sends REQ_PAGES on the return path. Neither touches guest memory from Python:
+pages go in through UFFDIO_COPY / UFFDIO_ZEROPAGE from a staging buffer.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import GuestError, ProtocolError
+from .ramblock import TPS, RamBlock
+from .uffd import UserFault, probe
+from .wire import returnpath as RPW
+
+MADV_DONTNEED = 4
+MADV_NOHUGEPAGE = 15
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+LATENCY_BUCKETS = 24
+
+
+def check_host() -> None:
+    ok, _, why = probe()
+    if not ok:
+        raise ProtocolError(f"postcopy is not possible on this destination: {why}")
+
+
+class PostcopyDestination:
+    def __init__(self, block: RamBlock, host_addr: int, send_rp: Callable[[bytes], None],
+                 received: np.ndarray, nonzero: np.ndarray, vcpu_tids: Callable[[], list[int]]):
+        self.block = block
+        self.addr = host_addr
+        self.send_rp = send_rp
+        self.received = received
+        self.nonzero = nonzero
+        self.vcpu_tids = vcpu_tids
+        self.uffd: UserFault | None = None
+        self.listening = False
+        self.requested = np.zeros(block.npages, dtype=np.bool_)
+        self.fault_time: dict[int, tuple[float, int]] = {}  # page -> (monotonic, vcpu index or -1)
+        self.lock = threading.Lock()
+        self.staging = np.empty((256, TPS), dtype=np.uint8)
+        self.staging_addr = self.staging.ctypes.data
+        self.last_block_sent: str | None = None
+        self.requests = 0
+        self.faults = 0
+        self.latencies: list[float] = []  # seconds, every remote fault (vCPU or not)
+        self.vcpu_latency_total = 0.0
+        self.vcpu_faults = 0
+        self.blocktime = 0.0  # time during which all vCPUs were blocked
+        self._blocked: dict[int, int] = {}  # vcpu index -> pages it waits for
+        self._all_down_since: float | None = None
+        self._stop_r, self._stop_w = os.pipe()
+        self.fault_thread: threading.Thread | None = None
+
+    # -- before LISTEN (memory is not registered yet)
+    def advise(self) -> None:
+        """ADVISE: every page of guest RAM is dropped; only what the stream brings counts."""
+        self._madvise(0, self.block.size, MADV_NOHUGEPAGE)
+        self._madvise(0, self.block.size, MADV_DONTNEED)
+        self.received[:] = False
+        self.nonzero[:] = False
+
+    def discard(self, ranges: list[tuple[int, int]]) -> None:
+        for start, length in ranges:
+            self._madvise(start, length, MADV_DONTNEED)
+            a, b = start // TPS, (start + length) // TPS
+            self.received[a:b] = False
+            self.nonzero[a:b] = False
+
+    def _madvise(self, off: int, length: int, advice: int) -> None:
+        if _libc.madvise(self.addr + off, length, advice) != 0:
+            raise GuestError(f"madvise({advice}) on guest RAM failed: {os.strerror(ctypes.get_errno())}")
+
+    # -- LISTEN
+    def listen(self) -> None:
+        self.uffd = UserFault()
+        self.uffd.register(self.addr, self.block.size)
+        self.listening = True
+        self.fault_thread = threading.Thread(target=self._fault_loop, name="mig/dst/fault", daemon=True)
+        self.fault_thread.start()
+
+    # -- placement (loader / listen thread)
+    def place_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
+        """Place whole pages atomically; runs of consecutive pages go in one UFFDIO_COPY."""
+        n = idx.size
+        for s in range(0, n, 256):
+            part = idx[s:s + 256]
+            m = part.size
+            self.staging[:m] = data[s:s + m]
+            self._place_runs(part, copy=True)
+
+    def place_zero_pages(self, idx: np.ndarray) -> None:
+        for s in range(0, idx.size, 256):
+            self._place_runs(idx[s:s + 256], copy=False)
+
+    def _place_runs(self, part: np.ndarray, copy: bool) -> None:
+        assert self.uffd is not None
+        todo = ~self.received[part]
+        breaks = np.flatnonzero(np.diff(part) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [part.size]))
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            i = a
+            while i < b:
+                if not todo[i]:
+                    i += 1
+                    continue
+                j = i
+                while j < b and todo[j]:
+                    j += 1
+                page = int(part[i])
+                length = (j - i) * TPS
+                dst = self.addr + page * TPS
+                done = self.uffd.copy(dst, self.staging_addr + i * TPS, length) if copy \
+                    else self.uffd.zeropage(dst, length)
+                placed = done // TPS
+                if placed < j - i:  # a page got there first (EEXIST/EAGAIN): skip it and go on
+                    placed += 1
+                self._placed(page, page + min(placed, j - i), copy)
+                i += min(placed, j - i)
+
+    def _placed(self, a: int, b: int, nonzero: bool) -> None:
+        self.received[a:b] = True
+        self.nonzero[a:b] = nonzero
+        if self.requested[a:b].any():
+            now = time.monotonic()
+            with self.lock:
+                for p in (np.flatnonzero(self.requested[a:b]) + a).tolist():
+                    self.requested[p] = False
+                    t0, vcpu = self.fault_time.pop(p, (now, -1))
+                    self._account(now, now - t0, vcpu)
+
+    def _account(self, now: float, lat: float, vcpu: int) -> None:
+        self.latencies.append(lat)
+        if vcpu < 0:
+            return
+        self.vcpu_latency_total += lat
+        self.vcpu_faults += 1
+        left = self._blocked.get(vcpu, 0) - 1
+        self._blocked[vcpu] = max(left, 0)
+        if left <= 0 and self._all_down_since is not None:
+            self.blocktime += now - self._all_down_since
+            self._all_down_since = None
+
+    # -- the fault thread
+    def _fault_loop(self) -> None:
+        assert self.uffd is not None
+        poller = select.poll()
+        poller.register(self.uffd.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        page_of = self.addr
+        while True:
+            events = dict(poller.poll())
+            if self._stop_r in events:
+                return
+            try:
+                faults = self.uffd.read_faults()
+            except OSError:
+                return
+            now = time.monotonic()
+            tids = self.vcpu_tids()
+            msgs = []
+            with self.lock:
+                for addr, _flags, tid in faults:
+                    page = (addr - page_of) // TPS
+                    if not 0 <= page < self.block.npages or self.received[page]:
+                        continue
+                    self.faults += 1
+                    vcpu = tids.index(tid) if tid in tids else -1
+                    if not self.requested[page]:
+                        self.requested[page] = True
+                        self.fault_time[page] = (now, vcpu)
+                        if vcpu >= 0:
+                            self._block(vcpu, now, len(tids))
+                        msgs.append(RPW.req_pages(page * TPS, TPS, None if self.last_block_sent else self.block.name))
+                        self.last_block_sent = self.block.name
+                        self.requests += 1
+            if msgs:
+                try:
+                    self.send_rp(b"".join(msgs))
+                except OSError:
+                    return  # the return path is gone; the loader reports the failure
+
+    def _block(self, vcpu: int, now: float, nvcpus: int) -> None:
+        self._blocked[vcpu] = self._blocked.get(vcpu, 0) + 1
+        if self._blocked[vcpu] == 1 and sum(1 for v in self._blocked.values() if v) == nvcpus:
+            self._all_down_since = now
+
+    # -- completion
+    def finish(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self.fault_thread is not None:
+            self.fault_thread.join(timeout=5)
+        if self.uffd is not None:
+            self.uffd.unregister(self.addr, self.block.size)
+            self.uffd.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def stats(self, vcpus: int = 1) -> dict[str, Any]:
+        """QEMU's destination postcopy fields (blocktime in ms, latencies in ns)."""
+        lat = np.array(self.latencies) if self.latencies else np.zeros(0)
+        dist = [0] * LATENCY_BUCKETS
+        if lat.size:
+            us = np.maximum(lat * 1e6, 1.0)
+            b = np.minimum(np.floor(np.log2(us)).astype(int), LATENCY_BUCKETS - 1)
+            for k, c in zip(*np.unique(b, return_counts=True)):
+                dist[int(k)] = int(c)
+        vcpu_lat = int(self.vcpu_latency_total / self.vcpu_faults * 1e9) if self.vcpu_faults else 0
+        nonv = lat.size - self.vcpu_faults
+        nonv_lat = int((lat.sum() - self.vcpu_latency_total) / nonv * 1e9) if nonv > 0 else 0
+        return {
+            "postcopy-blocktime": int(self.blocktime * 1000),
+            "postcopy-vcpu-blocktime": [int(self.vcpu_latency_total * 1000)] + [0] * (vcpus - 1),
+            "postcopy-latency": int(lat.mean() * 1e9) if lat.size else 0,
+            "postcopy-vcpu-latency": [vcpu_lat] + [0] * (vcpus - 1),
+            "postcopy-non-vcpu-latency": nonv_lat,
+            "postcopy-latency-dist": dist,
+        }
+
+    def latency_percentiles(self) -> dict[str, float]:
+        if not self.latencies:
+            return {}
+        lat = np.array(self.latencies) * 1e6
+        return {"faults": int(lat.size), "p50-us": round(float(np.percentile(lat, 50)), 1),
+                "p99-us": round(float(np.percentile(lat, 99)), 1), "max-us": round(float(lat.max()), 1)}

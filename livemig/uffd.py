@@ -1,0 +1,149 @@
+"""Linux userfaultfd from Python: open, API handshake, register MISSING, COPY / ZEROPAGE / WAKE,
+and reading fault messages. Every ioctl argument is a small buffer (<= 1024 bytes), so
+fcntl.ioctl releases the GIL while the kernel works.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+
+from .errors import GuestError
+
+UFFD_API = 0xAA
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_UNREGISTER = 0x8010AA01
+UFFDIO_WAKE = 0x8010AA02
+UFFDIO_COPY = 0xC028AA03
+UFFDIO_ZEROPAGE = 0xC020AA04
+USERFAULTFD_IOC_NEW = 0xAA00
+UFFDIO_REGISTER_MODE_MISSING = 1
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_FEATURE_THREAD_ID = 1 << 8
+UFFD_FEATURE_MISSING_HUGETLBFS = 1 << 4
+MSG_SIZE = 32
+SYS_userfaultfd = 323  # x86-64
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_MSG = struct.Struct("<B7xQQI4x")  # event, flags, address, ptid (pagefault layout)
+
+
+def _open_fd(flags: int) -> int:
+    try:
+        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            return fcntl.ioctl(dev, USERFAULTFD_IOC_NEW, flags)
+        finally:
+            os.close(dev)
+    except OSError:
+        fd = _libc.syscall(SYS_userfaultfd, flags)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise GuestError(f"userfaultfd is not available on this host: {os.strerror(e)}") from None
+        return fd
+
+
+def probe() -> tuple[bool, int, str]:
+    """(available, supported features, reason) without keeping anything open."""
+    try:
+        fd = _open_fd(os.O_CLOEXEC | os.O_NONBLOCK)
+    except GuestError as e:
+        return False, 0, str(e)
+    try:
+        buf = bytearray(struct.pack("<QQQ", UFFD_API, 0, 0))
+        fcntl.ioctl(fd, UFFDIO_API, buf, True)
+        _, features, _ = struct.unpack("<QQQ", buf)
+        return True, features, "ok"
+    except OSError as e:
+        return False, 0, f"UFFDIO_API failed: {e.strerror}"
+    finally:
+        os.close(fd)
+
+
+class UserFault:
+    """One userfaultfd: register ranges, place pages atomically, read faults (blocking)."""
+
+    def __init__(self, want_features: int = UFFD_FEATURE_THREAD_ID):
+        ok, supported, why = probe()
+        if not ok:
+            raise GuestError(why)
+        self.fd = _open_fd(os.O_CLOEXEC)  # blocking reads: the fault thread sleeps in read()
+        feats = want_features & supported
+        buf = bytearray(struct.pack("<QQQ", UFFD_API, feats, 0))
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_API, buf, True)
+        except OSError as e:
+            os.close(self.fd)
+            raise GuestError(f"UFFDIO_API failed: {e.strerror}") from None
+        self.features = feats
+        self._copy = bytearray(40)
+        self._zero = bytearray(32)
+
+    def register(self, addr: int, length: int) -> None:
+        buf = bytearray(struct.pack("<QQQQ", addr, length, UFFDIO_REGISTER_MODE_MISSING, 0))
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_REGISTER, buf, True)
+        except OSError as e:
+            raise GuestError(f"UFFDIO_REGISTER of {length} bytes failed: {e.strerror}") from None
+
+    def unregister(self, addr: int, length: int) -> None:
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_UNREGISTER, struct.pack("<QQ", addr, length))
+        except OSError:
+            pass
+
+    def wake(self, addr: int, length: int) -> None:
+        fcntl.ioctl(self.fd, UFFDIO_WAKE, struct.pack("<QQ", addr, length))
+
+    def copy(self, dst: int, src: int, length: int) -> int:
+        """UFFDIO_COPY; returns bytes placed. Pages already present end the copy early (EEXIST
+        or a partial count with EAGAIN): the caller skips one page and continues."""
+        buf = self._copy
+        struct.pack_into("<QQQQq", buf, 0, dst, src, length, 0, 0)
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_COPY, buf, True)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return 0
+            if e.errno == errno.EAGAIN:
+                (done,) = struct.unpack_from("<q", buf, 32)
+                return max(done, 0)
+            raise GuestError(f"UFFDIO_COPY failed: {e.strerror}") from None
+        (done,) = struct.unpack_from("<q", buf, 32)
+        return done
+
+    def zeropage(self, dst: int, length: int) -> int:
+        buf = self._zero
+        struct.pack_into("<QQQq", buf, 0, dst, length, 0, 0)
+        try:
+            fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, buf, True)
+        except OSError as e:
+            if e.errno == errno.EEXIST:
+                return 0
+            if e.errno == errno.EAGAIN:
+                (done,) = struct.unpack_from("<q", buf, 24)
+                return max(done, 0)
+            raise GuestError(f"UFFDIO_ZEROPAGE failed: {e.strerror}") from None
+        (done,) = struct.unpack_from("<q", buf, 24)
+        return done
+
+    def read_faults(self, max_msgs: int = 16) -> list[tuple[int, int, int]]:
+        """Blocking read of fault messages: [(address, flags, thread id)]; [] when woken otherwise."""
+        try:
+            data = os.read(self.fd, MSG_SIZE * max_msgs)
+        except InterruptedError:
+            return []
+        out = []
+        for off in range(0, len(data) - MSG_SIZE + 1, MSG_SIZE):
+            event, flags, addr, ptid = _MSG.unpack_from(data, off)
+            if event == UFFD_EVENT_PAGEFAULT:
+                out.append((addr, flags, ptid))
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

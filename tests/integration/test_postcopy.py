@@ -1,0 +1,91 @@
+"""Postcopy between two real livemig processes: userfaultfd demand paging over the return path."""
+import socket
+import time
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from vmtools import MiB, assert_migrated, migrate
+
+PC = ("events", "postcopy-ram")
+
+
+def _postcopy(src, dst, *, immediately: bool, params=None):
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}
+                                                      for c in PC + ("postcopy-blocktime",)])
+    if params:
+        src.cmd("migrate-set-parameters", **params)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    if immediately:
+        src.cmd("migrate-start-postcopy")
+    else:
+        deadline = time.monotonic() + 60
+        while (src.cmd("query-migrate").get("ram") or {}).get("dirty-sync-count", 0) < 2:
+            assert time.monotonic() < deadline, "the first pass did not finish"
+            time.sleep(0.01)
+        src.cmd("migrate-start-postcopy")
+    info = src.wait_status({"completed", "failed", "cancelled"}, timeout=120)
+    assert info["status"] == "completed", info
+    return info
+
+
+@pytest.mark.parametrize("immediately", [False, True], ids=["after-first-pass", "immediately"])
+def test_postcopy_dirtying_guest(vms, immediately):
+    src = vms("src", memory="256M", ws_mib=0)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(1)
+    info = _postcopy(src, dst, immediately=immediately)
+    statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
+    assert "postcopy-active" in statuses and statuses[-1] == "completed", statuses
+    ram = info["ram"]
+    assert ram["postcopy-bytes"] > 0 and "downtime" in info
+    if immediately:
+        assert ram["postcopy-requests"] > 0  # the guest faulted pages in on demand
+    assert_migrated(src, dst, 256 * MiB, 0)
+    dinfo = dst.cmd("query-migrate")
+    for key in ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency", "postcopy-vcpu-latency",
+                "postcopy-non-vcpu-latency", "postcopy-latency-dist"):
+        assert key in dinfo, dinfo
+    assert len(dinfo["postcopy-latency-dist"]) == 24
+    if immediately:
+        assert dinfo["x-livemig-postcopy"]["requests"] > 0
+
+
+def test_postcopy_cancel_refused(vms):
+    src = vms("src", memory="256M", ws_mib=0)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(1)
+    _postcopy(src, dst, immediately=True, params={"max-postcopy-bandwidth": 50_000_000})
+    # after completion a cancel is harmless and the state stays completed
+    src.cmd("migrate_cancel")
+    assert src.cmd("query-migrate")["status"] == "completed"
+    assert_migrated(src, dst, 256 * MiB, 0)
+
+
+def test_postcopy_capability_mismatch(vms):
+    src = vms("src", memory="64M", ws_mib=4)
+    dst = vms("dst", memory="64M", incoming="defer")
+    src.wait_passes(2)
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+    dst.cmd("migrate-incoming", **{"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    info = src.wait_status({"completed", "failed"}, timeout=30)
+    assert info["status"] == "failed", info
+    dinfo = dst.wait_status({"failed"}, timeout=10)
+    assert "postcopy-ram" in dinfo["error-desc"], dinfo
+    n = len(src.output())
+    time.sleep(0.3)
+    assert len(src.output()) > n  # the source guest keeps running
+
+
+def test_start_postcopy_errors(vms):
+    src = vms("src", memory="64M", ws_mib=4)
+    with pytest.raises(ExecuteError, match="Enable postcopy"):
+        src.cmd("migrate-start-postcopy")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+    with pytest.raises(ExecuteError, match="after migration has been started"):
+        src.cmd("migrate-start-postcopy")
