@@ -547,7 +547,7 @@ class Outgoing:
             msg = str(e)
         else:
             msg = f"internal error: {type(e).__name__}: {e}"
-        if self.rp_error and not isinstance(e, MigrationError):
+        if self.rp_error:  # the return path failed first; the send error is only its echo
             msg = self.rp_error
         self.end_time = time.monotonic()
         if self.state.status == S.CANCELLING or self.cancel_requested:

@@ -1,0 +1,77 @@
+"""A fake destination that sends malformed return-path messages: the source must fail the
+migration with a clear error, never hang, and keep (or get back) its guest running."""
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from livemig.wire import returnpath as RP
+
+BAD_RP = {
+    "unknown type": (struct.pack(">HH", 99, 0), False, "unknown message type"),
+    "wrong length": (struct.pack(">HH", 1, 3) + b"\x00" * 3, False, "length"),
+    "over 512 bytes": (struct.pack(">HH", 3, 600) + b"\x00" * 600, False, "exceeds 512"),
+    "req before id": (RP.req_pages(0, 4096, None), False, "REQ_PAGES before"),
+    "request in precopy": (RP.req_pages(0, 4096, "pc.ram"), False, "not in postcopy"),
+    "request outside block": (RP.req_pages(64 << 20, 4096, "pc.ram"), True, "outside"),
+    "misaligned request": (RP.req_pages(100, 4096, "pc.ram"), True, "aligned"),
+    "unknown block": (RP.req_pages(0, 4096, "pc.rom"), True, "unknown RAM block"),
+    "bitmap not asked for": (RP.recv_bitmap("pc.ram", b"\x00" * 8), False, "unknown block"),
+}
+
+
+class FakeDestination:
+    """Accepts the migration, drains the stream, and answers with `reply` after `delay` seconds."""
+
+    def __init__(self, reply: bytes, delay: float):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.reply, self.delay = reply, delay
+        self.received = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        conn, _ = self.srv.accept()
+        self.srv.close()
+        conn.settimeout(30)
+        t0 = time.monotonic()
+        sent = False
+        try:
+            while True:
+                if not sent and time.monotonic() - t0 > self.delay:
+                    conn.sendall(self.reply)
+                    sent = True
+                data = conn.recv(1 << 20)
+                if not data:
+                    break
+                self.received += len(data)
+        except OSError:
+            pass
+        conn.close()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RP))
+def test_malformed_return_path(vms, case):
+    reply, in_postcopy, expect = BAD_RP[case]
+    src = vms("src", memory="64M", ws_mib=4, prefill=True)
+    src.wait_passes(2)
+    caps = [{"capability": "events", "state": True}]
+    if in_postcopy:
+        caps.append({"capability": "postcopy-ram", "state": True})
+        src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 1_000_000})
+    src.cmd("migrate-set-capabilities", capabilities=caps)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 5_000_000})  # stays in precopy a while
+    fake = FakeDestination(reply, delay=1.0 if in_postcopy else 0.3)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
+    if in_postcopy:
+        src.cmd("migrate-start-postcopy")
+    info = src.wait_status({"failed", "completed", "cancelled"}, timeout=30)
+    assert info["status"] == "failed", info
+    assert expect.lower() in info["error-desc"].lower(), info
+    n = len(src.output())
+    time.sleep(0.3)
+    assert len(src.output()) > n, "the source guest is not running after the failed migration"
+    assert src.cmd("query-status")["status"] == "running"
