@@ -103,7 +103,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: int | None,
-                  downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0) -> dict:
+                  downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0,
+                  postcopy: bool = False) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides."""
     from rich.console import Console
     from rich.live import Live
@@ -114,8 +115,11 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     console = Console(stderr=True, quiet=quiet)
     src, dst = QMPClient(src_addr), QMPClient(dst_addr)
     caps = [{"capability": "events", "state": True}]
+    if postcopy:
+        caps.append({"capability": "postcopy-ram", "state": True})
     src.cmd("migrate-set-capabilities", capabilities=caps)
-    dst.cmd("migrate-set-capabilities", capabilities=caps)
+    dst.cmd("migrate-set-capabilities", capabilities=caps + ([{"capability": "postcopy-blocktime", "state": True}]
+                                                             if postcopy else []))
     params = {}
     if max_bandwidth is not None:
         params["max-bandwidth"] = max_bandwidth
@@ -131,6 +135,7 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     t0 = time.monotonic()
     src.cmd("migrate", uri=uri)
     info: dict = {}
+    switched_at: float | None = None
 
     def line(i: dict) -> Text:
         ram = i.get("ram", {})
@@ -144,6 +149,9 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
             while True:
                 info = src.cmd("query-migrate")
                 live.update(line(info))
+                if postcopy and switched_at is None and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                    src.cmd("migrate-start-postcopy")  # after the first full pass, as QEMU's tests do
+                    switched_at = time.monotonic()
                 if info.get("status") in ("completed", "failed", "cancelled"):
                     break
                 if time.monotonic() - t0 > timeout:
@@ -162,7 +170,9 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
         time.sleep(0.05)
     src.close()
     dst.close()
-    return {"source": info, "destination": dinfo, "uri": uri}
+    done = time.monotonic()
+    return {"source": info, "destination": dinfo, "uri": uri,
+            "switch_to_complete_s": round(done - switched_at, 3) if switched_at else None}
 
 
 def print_summary(result: dict, integrity: tuple[bool, str] | None = None) -> None:
@@ -184,6 +194,16 @@ def print_summary(result: dict, integrity: tuple[bool, str] | None = None) -> No
         busy = max(total_ms - info.get("setup-time", 0), 1)
         t.add_row("throughput", f"{ram['transferred'] / 1e3 / busy:.0f} MB/s")
         t.add_row("passes (dirty syncs)", str(ram["dirty-sync-count"]))
+    if ram.get("postcopy-requests") or result.get("switch_to_complete_s"):
+        d = result.get("destination", {})
+        pc = d.get("x-livemig-postcopy", {})
+        t.add_row("postcopy", f"switchover -> complete {result.get('switch_to_complete_s')} s, "
+                              f"{ram.get('postcopy-requests', 0)} page requests, "
+                              f"{ram.get('postcopy-bytes', 0) / 1e6:.1f} MB after the switch")
+        if pc:
+            t.add_row("remote faults", f"{pc.get('faults', 0)} faults, latency p50 {pc.get('p50-us', '-')} us, "
+                                       f"p99 {pc.get('p99-us', '-')} us; vCPU blocktime "
+                                       f"{d.get('postcopy-vcpu-blocktime', ['-'])[0]} ms")
     if integrity is not None:
         t.add_row("memory integrity", ("OK: " if integrity[0] else "FAILED: ") + integrity[1])
     Console().print(t)
@@ -208,6 +228,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .integrity import check, first_bytes
     from .qmpclient import QMPClient
 
+    if args.postcopy and args.ws_mib is None:
+        args.ws_mib = 0  # postcopy demo: the guest dirties all of its RAM
+    if args.ws_mib is None:
+        args.ws_mib = 256
     tmp = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
     img = tmp / "guest.img"
     img.write_bytes(make_image(args.ws_mib, args.prefill))
@@ -215,7 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(img)]
     src_cmd = base + ["--qmp", f"unix:{tmp}/src.qmp", "--serial", f"file:{tmp}/src.log"]
     dst_cmd = base + ["--qmp", f"unix:{tmp}/dst.qmp", "--serial", f"file:{tmp}/dst.log", "--incoming", "defer"]
-    print(f"livemig demo: {_fmt_bytes(args.memory)} guest dirtying "
+    print(f"livemig demo ({'postcopy' if args.postcopy else 'precopy'}): {_fmt_bytes(args.memory)} guest dirtying "
           f"{'all RAM' if not args.ws_mib else f'{args.ws_mib} MiB'} (work dir {tmp})")
     procs = [subprocess.Popen(c, stdout=open(tmp / f"{n}.out", "wb"), stderr=subprocess.STDOUT)
              for n, c in (("src", src_cmd), ("dst", dst_cmd))]
@@ -229,7 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             time.sleep(0.1)
         print(f"source guest running: {passes_from_output((tmp / 'src.log').read_bytes())} pass(es) done; migrating")
         result = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None,
-                               args.max_bandwidth, args.downtime_limit)
+                               args.max_bandwidth, args.downtime_limit, postcopy=args.postcopy)
         integrity = None
         if result["source"].get("status") == "completed":
             dst = QMPClient(f"unix:{tmp}/dst.qmp")
@@ -302,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="boot the workload guest and migrate it live to a second VM on this host")
     dm.add_argument("--memory", type=parse_size, default=parse_size("1G"))
-    dm.add_argument("--ws-mib", type=int, default=256, help="working set the guest dirties (0 = all RAM)")
+    dm.add_argument("--ws-mib", type=int, default=None,
+                    help="working set the guest dirties (0 = all RAM; default 256, all RAM with --postcopy)")
+    dm.add_argument("--postcopy", action="store_true", help="switch to postcopy after the first pass")
     dm.add_argument("--prefill", action="store_true", default=True)
     dm.add_argument("--no-prefill", dest="prefill", action="store_false")
     dm.add_argument("--max-bandwidth", type=parse_size_bytes, default=100_000_000_000)

@@ -214,6 +214,7 @@ class Incoming:
                 raise ProtocolError("POSTCOPY_RUN before POSTCOPY_LISTEN")
             self._load_devices()
             self.running_guest = True
+            self.emit("RESUME", None)
             self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)
             return False
         raise ProtocolError(f"unexpected {type(ev).__name__} in a precopy stream")
@@ -246,7 +247,6 @@ class Incoming:
             dev.load(self.device_states[(dev.idstr, dev.instance_id)])
         if self.on_started:
             self.on_started()
-        self.emit("RESUME", None)
 
     def _finish(self) -> None:
         if self.pc is not None and self.pc.listening:
@@ -256,9 +256,11 @@ class Incoming:
             self._load_devices()
             self.state.set(S.ACTIVE, S.COMPLETED)
         try:
-            self._send_rp(RPW.shut(0))
+            self._send_rp(RPW.shut(0))  # first: the source counts downtime until it sees this
         except OSError:
             pass
+        if not self.running_guest:
+            self.emit("RESUME", None)
         self._close()
 
     def _close(self) -> None:
