@@ -31,6 +31,8 @@ SCAN_WINDOW = 1 << 14  # pages examined per bitmap scan step
 SHUT_TIMEOUT_S = 120.0
 RAM_SECTION_ID = 0
 MAX_DISCARDS_PER_COMMAND = 12
+POSTCOPY_BATCH_PAGES = 128  # background push granule in postcopy (requests wait at most one)
+POSTCOPY_SOCKET_BUFFER = 512 << 10
 
 
 class Writer:
@@ -355,7 +357,8 @@ class Outgoing:
         now = time.monotonic()
         st, w = self.stats, self.writer
         st.transferred = w.position
-        st.precopy_bytes = w.position
+        if not self.in_postcopy:
+            st.precopy_bytes = w.position
         dt = now - self._window_start
         if dt >= RATE_WINDOW_S:
             sent = w.position - self._window_bytes0
@@ -409,6 +412,7 @@ class Outgoing:
         w.write(WS.ping(4))
         w.flush()
         self.in_postcopy = True
+        self._shrink_send_buffer()
         self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)
         self._postcopy_loop()
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
@@ -455,13 +459,23 @@ class Outgoing:
                 if limit and w.position - self._rate_bytes0 >= limit:
                     throttled = True
                     break
-                sender.send(sender.next_batch())
+                sender.send(sender.next_batch(POSTCOPY_BATCH_PAGES))
             w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
             w.flush()
             self._account()
             self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes
             if throttled:
                 self._wait_rate_window(urgent=self.wakeup)
+
+    def _shrink_send_buffer(self) -> None:
+        """A requested page queues behind whatever background data is already buffered: keep
+        that queue short in postcopy (one channel carries both)."""
+        sock = self.chan.sock if self.chan is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
+            except OSError:
+                pass
 
     def _serve_requests(self) -> bool:
         """Send every queued requested page that is still dirty; True if any request was taken."""

@@ -70,7 +70,9 @@ class UserFault:
         ok, supported, why = probe()
         if not ok:
             raise GuestError(why)
-        self.fd = _open_fd(os.O_CLOEXEC)  # blocking reads: the fault thread sleeps in read()
+        # non-blocking: the fault thread sleeps in poll(); a fault resolved between poll() and
+        # read() leaves the queue, and a blocking read() would then hang
+        self.fd = _open_fd(os.O_CLOEXEC | os.O_NONBLOCK)
         feats = want_features & supported
         buf = bytearray(struct.pack("<QQQ", UFFD_API, feats, 0))
         try:
@@ -131,10 +133,10 @@ class UserFault:
         return done
 
     def read_faults(self, max_msgs: int = 16) -> list[tuple[int, int, int]]:
-        """Blocking read of fault messages: [(address, flags, thread id)]; [] when woken otherwise."""
+        """Read pending fault messages: [(address, flags, thread id)]; [] when woken otherwise."""
         try:
             data = os.read(self.fd, MSG_SIZE * max_msgs)
-        except InterruptedError:
+        except (InterruptedError, BlockingIOError):
             return []
         out = []
         for off in range(0, len(data) - MSG_SIZE + 1, MSG_SIZE):
