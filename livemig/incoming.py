@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import socket
 import sys
 import threading
 import time
@@ -208,11 +207,6 @@ class Incoming:
             if not self.rp_open:
                 raise ProtocolError("postcopy needs a return path")
             self.pc.listen()
-            if self.chan is not None and self.chan.sock is not None:
-                try:  # short receive queue: requested pages wait behind less background data
-                    self.chan.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
-                except OSError:
-                    pass
             self.state.set(S.ACTIVE, S.POSTCOPY_DEVICE)
             return False
         if isinstance(ev, D.PostcopyRun):

@@ -394,9 +394,7 @@ class Outgoing:
             self._check()
         self.stats.precopy_bytes = w.position
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
-        self._sync()
-        m.dirty_log_stop()
-        self.dirty_logging = False
+        self._sync()  # the guest is stopped: this is the last dirty information
         # discard every page the destination must not keep: never sent, or dirtied since
         for name_ranges in self._discard_commands():
             w.write(name_ranges)
@@ -405,13 +403,15 @@ class Outgoing:
         package = bytearray(WS.command(WS.Cmd.POSTCOPY_LISTEN))
         package += self._device_sections()
         package += WS.ping(3) + WS.ping(WS.PING_PACKAGED_LOADED) + WS.command(WS.Cmd.POSTCOPY_RUN)
+        self.in_postcopy = True  # page requests are legal from the moment the package can arrive
         w.write(WS.packaged(bytes(package)))
         w.flush()
         self.downtime_ms = int((time.monotonic() - t_stop) * 1000)
         self.switch_time = time.monotonic()
         w.write(WS.ping(4))
         w.flush()
-        self.in_postcopy = True
+        m.dirty_log_stop()  # after the package: a memslot update is not free, keep it out of the downtime
+        self.dirty_logging = False
         self._shrink_send_buffer()
         self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)
         self._postcopy_loop()
