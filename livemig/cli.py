@@ -66,7 +66,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
             holder["proc"].on_fatal(msg)
 
     try:
-        machine = KvmMachine(size, args.serial, on_fatal=fatal)
+        machine = KvmMachine(size, args.serial, on_fatal=fatal, hugetlb=args.memory_backend == "hugetlb")
     except (MigrationError, OSError) as e:
         print(f"livemig: cannot create the VM: {e}", file=sys.stderr)
         return 1
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--boot-sector", help="512-byte boot sector image (default: the built-in workload guest)")
     vm.add_argument("--ws-mib", type=int, default=0, help="built-in guest: working set in MiB (0 = all RAM)")
     vm.add_argument("--prefill", action="store_true", help="built-in guest: touch all RAM once first")
+    vm.add_argument("--memory-backend", choices=("ram", "hugetlb"), default="ram",
+                    help="guest RAM: anonymous memory (THP) or 2 MiB hugetlb pages (reserve them first)")
     vm.add_argument("--qmp", required=True, help="QMP socket: unix:PATH or tcp:127.0.0.1:PORT")
     vm.add_argument("--serial", default="null", help="UART backend: file:PATH, stdio, unix:PATH,server=on,wait=off, null")
     vm.add_argument("--incoming", help="wait for a migration: 'defer' or a URI")

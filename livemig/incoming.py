@@ -46,7 +46,7 @@ class Incoming:
         self.chan: Channel | None = None
         self.rp_open = False
         self.rp_lock = threading.Lock()
-        self.block = RamBlock("pc.ram", machine.ram)
+        self.block = RamBlock("pc.ram", machine.ram, getattr(machine, "page_size", TPS))
         self.nonzero = np.zeros(self.block.npages, dtype=np.bool_)  # pages we wrote non-zero data to
         self.received = np.zeros(self.block.npages, dtype=np.bool_)
         self.device_states: dict[tuple[str, int], dict] = {}
@@ -106,7 +106,7 @@ class Incoming:
     def _load(self) -> None:
         m = self.machine
         devices = {(d.idstr, d.instance_id): d.vmsd for d in m.devices()}
-        dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size)], devices,
+        dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size, self.block.page_size)], devices,
                               postcopy=self.opts.cap("postcopy-ram"))
         self.decoder = dec
         chan = self.chan

@@ -76,7 +76,8 @@ class RamSender:
         self.ndirty = block.npages
         self.scan = 0
         self.named = False  # CONTINUE context: the first record must carry the block name
-        self.staging = np.empty((BATCH_PAGES, WR.PAGE_RECORD), dtype=np.uint8)
+        rows = max(BATCH_PAGES, block.page_size // TPS)  # a postcopy batch is at least one host page
+        self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
 
     def merge(self, words: np.ndarray) -> int:
         """OR a KVM dirty log into the bitmap; returns how many pages were newly dirtied."""
@@ -104,6 +105,22 @@ class RamSender:
             if self.scan >= npages:
                 self.scan = 0
         return np.empty(0, dtype=np.intp)
+
+    @property
+    def host_pages(self) -> int:
+        """Target pages per host page of the block (512 for 2 MiB huge pages)."""
+        return self.block.page_size // TPS
+
+    def canonicalize(self) -> None:
+        """Postcopy: a host page that is partly dirty is dirty as a whole (discards, sends and
+        placement all work on whole host pages), and the scan restarts on a host-page boundary."""
+        hp = self.host_pages
+        self.scan = 0
+        if hp == 1:
+            return
+        whole = self.dirty.reshape(-1, hp).any(axis=1)
+        self.dirty[:] = np.repeat(whole, hp)
+        self.ndirty = int(np.count_nonzero(self.dirty))
 
     def take(self, first: int, count: int) -> np.ndarray:
         """Claim the still-dirty pages of [first, first+count) (a page request) and move the scan
@@ -261,7 +278,7 @@ class Outgoing:
         self.chan = connect(self.uri)
         self._check()
         w = self.writer = Writer(self.chan)
-        block = RamBlock("pc.ram", m.ram)
+        block = RamBlock("pc.ram", m.ram, getattr(m, "page_size", TPS))
         self.sender = RamSender(block, w, self.stats)
         use_rp = self.chan.bidirectional
         w.write(WS.file_header() + WS.configuration())
@@ -274,7 +291,8 @@ class Outgoing:
                 raise MigrationError("postcopy needs a return path: use a socket transport (tcp:, unix:, fd:)")
             w.write(WS.postcopy_advise(block.page_size, TPS))
         w.write(WS.section_header(WS.Section.START, RAM_SECTION_ID, WR.IDSTR, WR.INSTANCE, WR.VERSION))
-        w.write(WR.setup_payload([WR.BlockInfo(block.name, block.size)]))
+        huge = block.page_size if self.opts.cap("postcopy-ram") and block.page_size != TPS else None
+        w.write(WR.setup_payload([WR.BlockInfo(block.name, block.size, huge)]))
         w.write(WS.section_footer(RAM_SECTION_ID))
         w.flush()
         m.dirty_log_start()
@@ -395,6 +413,7 @@ class Outgoing:
         self.stats.precopy_bytes = w.position
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
         self._sync()  # the guest is stopped: this is the last dirty information
+        sender.canonicalize()
         # discard every page the destination must not keep: never sent, or dirtied since
         for name_ranges in self._discard_commands():
             w.write(name_ranges)
@@ -420,15 +439,19 @@ class Outgoing:
         w.flush()
         self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes
         self.stats.transferred = w.position
+        self._await_shut("in postcopy")
+        self.end_time = time.monotonic()
+        self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+
+    def _await_shut(self, where: str) -> None:
+        """The source completes only once the destination says so (SHUT 0 on the return path)."""
         deadline = time.monotonic() + SHUT_TIMEOUT_S
         while not self.shut.wait(0.05):
             self._check()
             if time.monotonic() > deadline:
                 raise MigrationError("destination did not confirm completion (no SHUT on the return path)")
         if self.shut_value != 0:
-            raise MigrationError("destination reported an error in postcopy (SHUT 1)")
-        self.end_time = time.monotonic()
-        self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+            raise MigrationError(f"destination reported an error {where} (SHUT {self.shut_value})")
 
     def _discard_commands(self) -> list[bytes]:
         ranges = [(a * TPS, n * TPS) for a, n in runs(self.sender.dirty)]
@@ -459,7 +482,7 @@ class Outgoing:
                 if limit and w.position - self._rate_bytes0 >= limit:
                     throttled = True
                     break
-                sender.send(sender.next_batch(POSTCOPY_BATCH_PAGES))
+                sender.send(sender.next_batch(max(POSTCOPY_BATCH_PAGES, sender.host_pages)))
             w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
             w.flush()
             self._account()
@@ -540,13 +563,7 @@ class Outgoing:
         self.stats.transferred = w.position
         self.stats.remaining = 0
         if self.chan.bidirectional:
-            deadline = time.monotonic() + SHUT_TIMEOUT_S
-            while not self.shut.wait(0.05):
-                self._check()
-                if time.monotonic() > deadline:
-                    raise MigrationError("destination did not confirm completion (no SHUT on the return path)")
-            if self.shut_value != 0:
-                raise MigrationError("destination reported an error loading the migration stream (SHUT 1)")
+            self._await_shut("loading the migration stream")
         self.end_time = time.monotonic()
         marks["shut"] = self.end_time - t_stop
         self.downtime_ms = int((self.end_time - t_stop) * 1000)

@@ -49,8 +49,11 @@ class PostcopyDestination:
         self.requested = np.zeros(block.npages, dtype=np.bool_)
         self.fault_time: dict[int, tuple[float, int]] = {}  # page -> (monotonic, vcpu index or -1)
         self.lock = threading.Lock()
-        self.staging = np.empty((256, TPS), dtype=np.uint8)
+        self.hp = block.page_size // TPS  # target pages per host page
+        self.staging = np.empty((max(256, self.hp), TPS), dtype=np.uint8)
         self.staging_addr = self.staging.ctypes.data
+        self.assembling: int | None = None  # huge pages: the host page being collected
+        self.assembled = np.zeros(self.hp, dtype=np.bool_)
         self.last_block_sent: str | None = None
         self.requests = 0
         self.faults = 0
@@ -66,7 +69,8 @@ class PostcopyDestination:
     # -- before LISTEN (memory is not registered yet)
     def advise(self) -> None:
         """ADVISE: every page of guest RAM is dropped; only what the stream brings counts."""
-        self._madvise(0, self.block.size, MADV_NOHUGEPAGE)
+        if self.hp == 1:
+            self._madvise(0, self.block.size, MADV_NOHUGEPAGE)  # 4 KiB placement needs 4 KiB pages
         self._madvise(0, self.block.size, MADV_DONTNEED)
         self.received[:] = False
         self.nonzero[:] = False
@@ -93,6 +97,9 @@ class PostcopyDestination:
     # -- placement (loader / listen thread)
     def place_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
         """Place whole pages atomically; runs of consecutive pages go in one UFFDIO_COPY."""
+        if self.hp > 1:
+            self._assemble(idx, data)
+            return
         n = idx.size
         for s in range(0, n, 256):
             part = idx[s:s + 256]
@@ -101,6 +108,9 @@ class PostcopyDestination:
             self._place_runs(part, copy=True)
 
     def place_zero_pages(self, idx: np.ndarray) -> None:
+        if self.hp > 1:
+            self._assemble(idx, None)
+            return
         for s in range(0, idx.size, 256):
             self._place_runs(idx[s:s + 256], copy=False)
 
@@ -129,6 +139,35 @@ class PostcopyDestination:
                     placed += 1
                 self._placed(page, page + min(placed, j - i), copy)
                 i += min(placed, j - i)
+
+    def _assemble(self, idx: np.ndarray, data: np.ndarray | None) -> None:
+        """Huge pages: collect the target pages of one host page (they arrive back to back on
+        the channel), then place the whole host page with one UFFDIO_COPY."""
+        hp = self.hp
+        host = idx // hp
+        cuts = np.flatnonzero(np.diff(host)) + 1
+        for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [idx.size])).tolist()):
+            h = int(host[a])
+            if self.assembling is None:
+                self.assembling = h
+                self.assembled[:] = False
+            elif self.assembling != h:
+                raise ProtocolError(f"Non-same host page detected: target page of host page {h} while "
+                                    f"host page {self.assembling} is incomplete")
+            sub = idx[a:b] - h * hp
+            if data is None:
+                self.staging[sub] = 0
+            else:
+                self.staging[sub] = data[a:b]
+            self.assembled[sub] = True
+            if self.assembled.all():
+                first = h * hp
+                if not self.received[first]:
+                    done = self.uffd.copy(self.addr + first * TPS, self.staging_addr, hp * TPS)
+                    if done not in (0, hp * TPS):
+                        raise GuestError(f"partial placement of huge page {h}: {done} bytes")
+                self._placed(first, first + hp, True)
+                self.assembling = None
 
     def _placed(self, a: int, b: int, nonzero: bool) -> None:
         self.received[a:b] = True
@@ -174,6 +213,7 @@ class PostcopyDestination:
             with self.lock:
                 for addr, _flags, tid in faults:
                     page = (addr - page_of) // TPS
+                    page -= page % self.hp  # requests always cover one whole host page
                     if not 0 <= page < self.block.npages or self.received[page]:
                         continue
                     self.faults += 1
@@ -183,7 +223,8 @@ class PostcopyDestination:
                         self.fault_time[page] = (now, vcpu)
                         if vcpu >= 0:
                             self._block(vcpu, now, len(tids))
-                        msgs.append(RPW.req_pages(page * TPS, TPS, None if self.last_block_sent else self.block.name))
+                        msgs.append(RPW.req_pages(page * TPS, self.hp * TPS,
+                                                  None if self.last_block_sent else self.block.name))
                         self.last_block_sent = self.block.name
                         self.requests += 1
             if msgs:

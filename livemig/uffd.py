@@ -103,34 +103,24 @@ class UserFault:
     def copy(self, dst: int, src: int, length: int) -> int:
         """UFFDIO_COPY; returns bytes placed. Pages already present end the copy early (EEXIST
         or a partial count with EAGAIN): the caller skips one page and continues."""
-        buf = self._copy
-        struct.pack_into("<QQQQq", buf, 0, dst, src, length, 0, 0)
-        try:
-            fcntl.ioctl(self.fd, UFFDIO_COPY, buf, True)
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                return 0
-            if e.errno == errno.EAGAIN:
-                (done,) = struct.unpack_from("<q", buf, 32)
-                return max(done, 0)
-            raise GuestError(f"UFFDIO_COPY failed: {e.strerror}") from None
-        (done,) = struct.unpack_from("<q", buf, 32)
-        return done
+        struct.pack_into("<QQQQq", self._copy, 0, dst, src, length, 0, 0)
+        return self._place(UFFDIO_COPY, self._copy, 32, "UFFDIO_COPY")
 
     def zeropage(self, dst: int, length: int) -> int:
-        buf = self._zero
-        struct.pack_into("<QQQq", buf, 0, dst, length, 0, 0)
+        """UFFDIO_ZEROPAGE, with the same partial-result rules as copy()."""
+        struct.pack_into("<QQQq", self._zero, 0, dst, length, 0, 0)
+        return self._place(UFFDIO_ZEROPAGE, self._zero, 24, "UFFDIO_ZEROPAGE")
+
+    def _place(self, request: int, buf: bytearray, result_at: int, what: str) -> int:
         try:
-            fcntl.ioctl(self.fd, UFFDIO_ZEROPAGE, buf, True)
+            fcntl.ioctl(self.fd, request, buf, True)
         except OSError as e:
             if e.errno == errno.EEXIST:
                 return 0
-            if e.errno == errno.EAGAIN:
-                (done,) = struct.unpack_from("<q", buf, 24)
-                return max(done, 0)
-            raise GuestError(f"UFFDIO_ZEROPAGE failed: {e.strerror}") from None
-        (done,) = struct.unpack_from("<q", buf, 24)
-        return done
+            if e.errno != errno.EAGAIN:
+                raise GuestError(f"{what} failed: {e.strerror}") from None
+        (done,) = struct.unpack_from("<q", buf, result_at)
+        return max(done, 0)
 
     def read_faults(self, max_msgs: int = 16) -> list[tuple[int, int, int]]:
         """Read pending fault messages: [(address, flags, thread id)]; [] when woken otherwise."""

@@ -36,6 +36,9 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 KICK_SIGNAL = signal.SIGUSR1
 
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MAP_HUGETLB = 0x40000
+_MAP_HUGE_2MB = 21 << 26  # log2(2 MiB) << MAP_HUGE_SHIFT
+HUGE_PAGE = 2 << 20
 
 
 def _noop_handler(signum, frame) -> None:  # pragma: no cover - trivial
@@ -55,12 +58,14 @@ def install_kick_handler() -> None:
 
 class KvmMachine:
     def __init__(self, memory_size: int, serial: str = "null", *,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None, hugetlb: bool = False) -> None:
         if memory_size < 2 * MiB or memory_size % (2 * MiB):
             raise GuestError(f"memory size {memory_size} is not a multiple of 2 MiB >= 2 MiB")
         install_kick_handler()
         self.memory_size = memory_size
         self.on_fatal = on_fatal
+        self.hugetlb = hugetlb
+        self.page_size = HUGE_PAGE if hugetlb else 4096  # host page size of the RAM block
         self.lowmem_size = LOWMEM_SPLIT if memory_size >= LOWMEM_LIMIT else memory_size
         self.highmem_size = memory_size - self.lowmem_size
 
@@ -93,13 +98,22 @@ class KvmMachine:
         self._vm.set_tss_addr(TSS_ADDR)
         self._vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
 
-        self.ram = mmap.mmap(-1, self.memory_size,
-                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        try:  # like QEMU: transparent huge pages for guest RAM (postcopy turns them off again)
-            self.ram.madvise(mmap.MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass
+        if self.hugetlb:
+            try:  # 2 MiB hugetlb pages, like QEMU's memory-backend-memfd,hugetlb=on
+                self.ram = mmap.mmap(-1, self.memory_size,
+                                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_HUGETLB | _MAP_HUGE_2MB,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                raise GuestError(f"cannot map {self.memory_size >> 20} MiB of 2 MiB huge pages ({e.strerror}): "
+                                 f"reserve them first, e.g. echo N > /proc/sys/vm/nr_hugepages") from None
+        else:
+            self.ram = mmap.mmap(-1, self.memory_size,
+                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:  # like QEMU: transparent huge pages for guest RAM (postcopy turns them off again)
+                self.ram.madvise(mmap.MADV_HUGEPAGE)
+            except (OSError, AttributeError):
+                pass
         self.ram_host_addr = kvm.buffer_address(self.ram)
         # (slot, gpa, block offset, size)
         self._slots: list[tuple[int, int, int, int]] = [(0, 0, 0, self.lowmem_size)]

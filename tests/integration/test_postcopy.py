@@ -89,3 +89,52 @@ def test_start_postcopy_errors(vms):
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
     with pytest.raises(ExecuteError, match="after migration has been started"):
         src.cmd("migrate-start-postcopy")
+
+
+@pytest.fixture
+def hugepages():
+    """Reserve 2 MiB huge pages for two 128 MiB guests (root only), restoring the old count after."""
+    path = "/proc/sys/vm/nr_hugepages"
+    old = int(open(path).read())
+    need = 2 * 64 + 16
+    try:
+        if old < need:
+            with open(path, "w") as f:
+                f.write(str(need))
+    except OSError as e:
+        pytest.fail(f"cannot reserve huge pages for the hugetlb test ({e}); run as root")
+    free = int([ln for ln in open("/proc/meminfo") if ln.startswith("HugePages_Free")][0].split()[1])
+    assert free >= 128, f"only {free} free huge pages after asking for {need}"
+    yield
+    if old < need:
+        with open(path, "w") as f:
+            f.write(str(old))
+
+
+@pytest.mark.parametrize("immediately", [False, True], ids=["after-first-pass", "immediately"])
+def test_postcopy_hugetlb_guest(vms, hugepages, immediately):
+    """RAM backed by 2 MiB hugetlb pages: discards, requests and placement in whole huge pages."""
+    src = vms("src", memory="128M", ws_mib=0, extra=["--memory-backend", "hugetlb"])
+    dst = vms("dst", memory="128M", incoming="defer", extra=["--memory-backend", "hugetlb"])
+    src.wait_passes(1)
+    info = _postcopy(src, dst, immediately=immediately)
+    assert info["ram"]["postcopy-bytes"] > 0
+    assert_migrated(src, dst, 128 * MiB, 0)
+    if immediately:
+        assert info["ram"]["postcopy-requests"] > 0
+        assert dst.cmd("query-migrate")["x-livemig-postcopy"]["requests"] > 0
+
+
+def test_hugetlb_page_size_mismatch(vms, hugepages):
+    """A 4 KiB destination refuses a 2 MiB-page source in postcopy with a clear error."""
+    src = vms("src", memory="128M", ws_mib=8, extra=["--memory-backend", "hugetlb"])
+    dst = vms("dst", memory="128M", incoming="defer")
+    src.wait_passes(2)
+    caps = [{"capability": c, "state": True} for c in PC]
+    src.cmd("migrate-set-capabilities", capabilities=caps)
+    dst.cmd("migrate-set-capabilities", capabilities=caps)
+    dst.cmd("migrate-incoming", **{"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    assert src.wait_status({"failed", "completed"}, timeout=30)["status"] == "failed"
+    assert "page size" in dst.wait_status({"failed"}, timeout=10)["error-desc"]
