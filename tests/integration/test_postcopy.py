@@ -138,3 +138,45 @@ def test_hugetlb_page_size_mismatch(vms, hugepages):
     src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
     assert src.wait_status({"failed", "completed"}, timeout=30)["status"] == "failed"
     assert "page size" in dst.wait_status({"failed"}, timeout=10)["error-desc"]
+
+
+def test_cancel_refused_during_postcopy(vms):
+    src = vms("src", memory="256M", ws_mib=0)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(1)
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 10_000_000})
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    src.cmd("migrate-start-postcopy")
+    src.wait_status({"postcopy-active"}, timeout=30)
+    with pytest.raises(ExecuteError, match="Postcopy migration in progress, cannot cancel"):
+        src.cmd("migrate_cancel")
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})  # takes effect at once
+    assert src.wait_status({"completed", "failed"}, timeout=60)["status"] == "completed"
+    assert_migrated(src, dst, 256 * MiB, 0)
+
+
+def test_destination_dies_before_switchover(vms):
+    """postcopy-ram on, but the destination dies while still in precopy: the source keeps its guest."""
+    import os
+    import signal
+    src = vms("src", memory="256M", ws_mib=8, prefill=True)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(2)
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 20_000_000})
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    src.wait_status({"active"})
+    time.sleep(0.3)
+    os.killpg(dst.proc.pid, signal.SIGKILL)
+    info = src.wait_status({"failed", "completed"}, timeout=30)
+    assert info["status"] == "failed" and info["error-desc"], info
+    n = len(src.output())
+    time.sleep(0.3)
+    assert len(src.output()) > n and src.cmd("query-status")["status"] == "running"
