@@ -50,10 +50,7 @@ class PostcopyDestination:
         self.fault_time: dict[int, tuple[float, int]] = {}  # page -> (monotonic, vcpu index or -1)
         self.lock = threading.Lock()
         self.hp = block.page_size // TPS  # target pages per host page
-        self.staging = np.empty((max(256, self.hp), TPS), dtype=np.uint8)
-        self.staging_addr = self.staging.ctypes.data
-        self.assembling: int | None = None  # huge pages: the host page being collected
-        self.assembled = np.zeros(self.hp, dtype=np.bool_)
+        self.main_placer = Placer(self)
         self.last_block_sent: str | None = None
         self.requests = 0
         self.faults = 0
@@ -94,80 +91,12 @@ class PostcopyDestination:
         self.fault_thread = threading.Thread(target=self._fault_loop, name="mig/dst/fault", daemon=True)
         self.fault_thread.start()
 
-    # -- placement (loader / listen thread)
+    # -- placement: one Placer per channel (main stream, preempt channel)
     def place_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
-        """Place whole pages atomically; runs of consecutive pages go in one UFFDIO_COPY."""
-        if self.hp > 1:
-            self._assemble(idx, data)
-            return
-        n = idx.size
-        for s in range(0, n, 256):
-            part = idx[s:s + 256]
-            m = part.size
-            self.staging[:m] = data[s:s + m]
-            self._place_runs(part, copy=True)
+        self.main_placer.place_pages(idx, data)
 
     def place_zero_pages(self, idx: np.ndarray) -> None:
-        if self.hp > 1:
-            self._assemble(idx, None)
-            return
-        for s in range(0, idx.size, 256):
-            self._place_runs(idx[s:s + 256], copy=False)
-
-    def _place_runs(self, part: np.ndarray, copy: bool) -> None:
-        assert self.uffd is not None
-        todo = ~self.received[part]
-        breaks = np.flatnonzero(np.diff(part) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [part.size]))
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            i = a
-            while i < b:
-                if not todo[i]:
-                    i += 1
-                    continue
-                j = i
-                while j < b and todo[j]:
-                    j += 1
-                page = int(part[i])
-                length = (j - i) * TPS
-                dst = self.addr + page * TPS
-                done = self.uffd.copy(dst, self.staging_addr + i * TPS, length) if copy \
-                    else self.uffd.zeropage(dst, length)
-                placed = done // TPS
-                if placed < j - i:  # a page got there first (EEXIST/EAGAIN): skip it and go on
-                    placed += 1
-                self._placed(page, page + min(placed, j - i), copy)
-                i += min(placed, j - i)
-
-    def _assemble(self, idx: np.ndarray, data: np.ndarray | None) -> None:
-        """Huge pages: collect the target pages of one host page (they arrive back to back on
-        the channel), then place the whole host page with one UFFDIO_COPY."""
-        hp = self.hp
-        host = idx // hp
-        cuts = np.flatnonzero(np.diff(host)) + 1
-        for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [idx.size])).tolist()):
-            h = int(host[a])
-            if self.assembling is None:
-                self.assembling = h
-                self.assembled[:] = False
-            elif self.assembling != h:
-                raise ProtocolError(f"Non-same host page detected: target page of host page {h} while "
-                                    f"host page {self.assembling} is incomplete")
-            sub = idx[a:b] - h * hp
-            if data is None:
-                self.staging[sub] = 0
-            else:
-                self.staging[sub] = data[a:b]
-            self.assembled[sub] = True
-            if self.assembled.all():
-                first = h * hp
-                if not self.received[first]:
-                    done = self.uffd.copy(self.addr + first * TPS, self.staging_addr, hp * TPS)
-                    if done not in (0, hp * TPS):
-                        raise GuestError(f"partial placement of huge page {h}: {done} bytes")
-                self._placed(first, first + hp, True)
-                self.assembling = None
+        self.main_placer.place_zero_pages(idx)
 
     def _placed(self, a: int, b: int, nonzero: bool) -> None:
         self.received[a:b] = True
@@ -276,3 +205,92 @@ class PostcopyDestination:
         lat = np.array(self.latencies) * 1e6
         return {"faults": int(lat.size), "p50-us": round(float(np.percentile(lat, 50)), 1),
                 "p99-us": round(float(np.percentile(lat, 99)), 1), "max-us": round(float(lat.max()), 1)}
+
+
+class Placer:
+    """Places the pages of one channel: its own staging buffer, huge-page assembly and ioctl
+    buffers, so the main stream and the preempt channel can place pages at the same time."""
+
+    def __init__(self, pc: PostcopyDestination):
+        self.pc = pc
+        self.hp = pc.hp
+        self.staging = np.empty((max(256, self.hp), TPS), dtype=np.uint8)
+        self.staging_addr = self.staging.ctypes.data
+        self.assembling: int | None = None  # huge pages: the host page being collected
+        self.assembled = np.zeros(self.hp, dtype=np.bool_)
+        self.copy_buf = bytearray(40)
+        self.zero_buf = bytearray(32)
+
+    def place_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
+        """Place whole pages atomically; runs of consecutive pages go in one UFFDIO_COPY."""
+        if self.hp > 1:
+            self._assemble(idx, data)
+            return
+        for s in range(0, idx.size, 256):
+            part = idx[s:s + 256]
+            self.staging[:part.size] = data[s:s + part.size]
+            self._place_runs(part, copy=True)
+
+    def place_zero_pages(self, idx: np.ndarray) -> None:
+        if self.hp > 1:
+            self._assemble(idx, None)
+            return
+        for s in range(0, idx.size, 256):
+            self._place_runs(idx[s:s + 256], copy=False)
+
+    def _place_runs(self, part: np.ndarray, copy: bool) -> None:
+        pc = self.pc
+        uffd = pc.uffd
+        assert uffd is not None
+        todo = ~pc.received[part]
+        breaks = np.flatnonzero(np.diff(part) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [part.size]))
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            i = a
+            while i < b:
+                if not todo[i]:
+                    i += 1
+                    continue
+                j = i
+                while j < b and todo[j]:
+                    j += 1
+                page = int(part[i])
+                length = (j - i) * TPS
+                dst = pc.addr + page * TPS
+                done = uffd.copy(dst, self.staging_addr + i * TPS, length, self.copy_buf) if copy \
+                    else uffd.zeropage(dst, length, self.zero_buf)
+                placed = done // TPS
+                if placed < j - i:  # a page got there first (EEXIST/EAGAIN): skip it and go on
+                    placed += 1
+                pc._placed(page, page + min(placed, j - i), copy)
+                i += min(placed, j - i)
+
+    def _assemble(self, idx: np.ndarray, data: np.ndarray | None) -> None:
+        """Huge pages: collect the target pages of one host page (they arrive back to back on
+        the channel), then place the whole host page with one UFFDIO_COPY."""
+        pc, hp = self.pc, self.hp
+        host = idx // hp
+        cuts = np.flatnonzero(np.diff(host)) + 1
+        for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [idx.size])).tolist()):
+            h = int(host[a])
+            if self.assembling is None:
+                self.assembling = h
+                self.assembled[:] = False
+            elif self.assembling != h:
+                raise ProtocolError(f"Non-same host page detected: target page of host page {h} while "
+                                    f"host page {self.assembling} is incomplete")
+            sub = idx[a:b] - h * hp
+            if data is None:
+                self.staging[sub] = 0
+            else:
+                self.staging[sub] = data[a:b]
+            self.assembled[sub] = True
+            if self.assembled.all():
+                first = h * hp
+                if not pc.received[first]:
+                    done = pc.uffd.copy(pc.addr + first * TPS, self.staging_addr, hp * TPS, self.copy_buf)
+                    if done not in (0, hp * TPS):
+                        raise GuestError(f"partial placement of huge page {h}: {done} bytes")
+                pc._placed(first, first + hp, True)
+                self.assembling = None

@@ -81,8 +81,6 @@ class UserFault:
             os.close(self.fd)
             raise GuestError(f"UFFDIO_API failed: {e.strerror}") from None
         self.features = feats
-        self._copy = bytearray(40)
-        self._zero = bytearray(32)
 
     def register(self, addr: int, length: int) -> None:
         buf = bytearray(struct.pack("<QQQQ", addr, length, UFFDIO_REGISTER_MODE_MISSING, 0))
@@ -100,16 +98,19 @@ class UserFault:
     def wake(self, addr: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_WAKE, struct.pack("<QQ", addr, length))
 
-    def copy(self, dst: int, src: int, length: int) -> int:
+    def copy(self, dst: int, src: int, length: int, buf: bytearray | None = None) -> int:
         """UFFDIO_COPY; returns bytes placed. Pages already present end the copy early (EEXIST
-        or a partial count with EAGAIN): the caller skips one page and continues."""
-        struct.pack_into("<QQQQq", self._copy, 0, dst, src, length, 0, 0)
-        return self._place(UFFDIO_COPY, self._copy, 32, "UFFDIO_COPY")
+        or a partial count with EAGAIN): the caller skips one page and continues. `buf` (40
+        bytes) lets each placing thread use its own argument buffer."""
+        buf = buf if buf is not None else bytearray(40)
+        struct.pack_into("<QQQQq", buf, 0, dst, src, length, 0, 0)
+        return self._place(UFFDIO_COPY, buf, 32, "UFFDIO_COPY")
 
-    def zeropage(self, dst: int, length: int) -> int:
-        """UFFDIO_ZEROPAGE, with the same partial-result rules as copy()."""
-        struct.pack_into("<QQQq", self._zero, 0, dst, length, 0, 0)
-        return self._place(UFFDIO_ZEROPAGE, self._zero, 24, "UFFDIO_ZEROPAGE")
+    def zeropage(self, dst: int, length: int, buf: bytearray | None = None) -> int:
+        """UFFDIO_ZEROPAGE, with the same partial-result rules as copy(); `buf` is 32 bytes."""
+        buf = buf if buf is not None else bytearray(32)
+        struct.pack_into("<QQQq", buf, 0, dst, length, 0, 0)
+        return self._place(UFFDIO_ZEROPAGE, buf, 24, "UFFDIO_ZEROPAGE")
 
     def _place(self, request: int, buf: bytearray, result_at: int, what: str) -> int:
         try:
