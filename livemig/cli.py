@@ -58,7 +58,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         image = make_image(args.ws_mib, args.prefill)
     # Threads hand the GIL over every 5 ms by default: far too long for a page request that has to
     # go from the fault thread to the wire, or from the return-path thread to the migration thread.
-    sys.setswitchinterval(0.0002)
+    sys.setswitchinterval(float(os.environ.get("LIVEMIG_SWITCH_INTERVAL", "0.0002")))
     holder: dict = {}
 
     def fatal(msg: str) -> None:
@@ -107,7 +107,7 @@ def _fmt_bytes(n: float) -> str:
 
 def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: int | None,
                   downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0,
-                  postcopy: bool = False) -> dict:
+                  postcopy: bool = False, preempt: bool = False) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides."""
     from rich.console import Console
     from rich.live import Live
@@ -120,6 +120,8 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     caps = [{"capability": "events", "state": True}]
     if postcopy:
         caps.append({"capability": "postcopy-ram", "state": True})
+        if preempt:
+            caps.append({"capability": "postcopy-preempt", "state": True})
     src.cmd("migrate-set-capabilities", capabilities=caps)
     dst.cmd("migrate-set-capabilities", capabilities=caps + ([{"capability": "postcopy-blocktime", "state": True}]
                                                              if postcopy else []))
@@ -256,7 +258,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             time.sleep(0.1)
         print(f"source guest running: {passes_from_output((tmp / 'src.log').read_bytes())} pass(es) done; migrating")
         result = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None,
-                               args.max_bandwidth, args.downtime_limit, postcopy=args.postcopy)
+                               args.max_bandwidth, args.downtime_limit, postcopy=args.postcopy,
+                               preempt=args.preempt)
         integrity = None
         if result["source"].get("status") == "completed":
             dst = QMPClient(f"unix:{tmp}/dst.qmp")
@@ -333,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--ws-mib", type=int, default=None,
                     help="working set the guest dirties (0 = all RAM; default 256, all RAM with --postcopy)")
     dm.add_argument("--postcopy", action="store_true", help="switch to postcopy after the first pass")
+    dm.add_argument("--preempt", action="store_true",
+                    help="with --postcopy: requested pages on a second connection (postcopy-preempt)")
     dm.add_argument("--prefill", action="store_true", default=True)
     dm.add_argument("--no-prefill", dest="prefill", action="store_false")
     dm.add_argument("--max-bandwidth", type=parse_size_bytes, default=100_000_000_000)

@@ -14,10 +14,10 @@ from typing import Any, Callable
 import numpy as np
 
 from . import state as S
-from .profiling import run_profiled
+from .profiling import make_urgent, run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
-from .postcopy import PostcopyDestination, check_host
+from .postcopy import Placer, PostcopyDestination, check_host
 from .ramblock import TPS, RamBlock, populate
 from .stats import RamStats
 from .transport import Channel, Listener, URI
@@ -88,7 +88,7 @@ class Incoming:
     # -- the loader thread
     def _run(self) -> None:
         try:
-            self.chan = self.listener.accept()
+            self.chan = self.listener.accept(keep_open=self.opts.cap("postcopy-preempt"))
             if self.prefaulter is not None:
                 self.prefaulter.stop()  # from here on the loader allocates what it receives
             self.state.set(S.SETUP, S.ACTIVE)
@@ -207,6 +207,9 @@ class Incoming:
             if not self.rp_open:
                 raise ProtocolError("postcopy needs a return path")
             self.pc.listen()
+            if self.opts.cap("postcopy-preempt"):
+                self.preempt_thread = threading.Thread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
+                self.preempt_thread.start()
             self.state.set(S.ACTIVE, S.POSTCOPY_DEVICE)
             return False
         if isinstance(ev, D.PostcopyRun):
@@ -248,8 +251,41 @@ class Incoming:
         if self.on_started:
             self.on_started()
 
+    def _preempt_loop(self) -> None:
+        """mig/dst/preempt: the second connection carries requested pages only, as bare page
+        records; the source closes it before it sends EOF on the main channel."""
+        make_urgent()
+        try:
+            chan = self.listener.accept()
+            self.preempt_chan = chan
+            dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size, self.block.page_size)], {},
+                                  postcopy=True, bare_ram=True, buffer_size=1 << 20)
+            placer = Placer(self.pc)
+            while True:
+                n = chan.recv_into(dec.space())
+                if n == 0:
+                    dec.finish()
+                    return
+                dec.commit(n)
+                while (ev := dec.next_event()) is not None:
+                    idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+                    if isinstance(ev, D.Pages):
+                        placer.place_pages(idx, ev.data)
+                        self.stats.normal += idx.size
+                    elif isinstance(ev, D.ZeroPages):
+                        placer.place_zero_pages(idx)
+                        self.stats.duplicate += idx.size
+        except Exception as e:
+            self.preempt_error = f"postcopy-preempt channel: {e}"
+            print(f"livemig: {self.preempt_error}", file=sys.stderr, flush=True)
+
     def _finish(self) -> None:
         if self.pc is not None and self.pc.listening:
+            t = getattr(self, "preempt_thread", None)
+            if t is not None:
+                t.join(timeout=60)  # every requested page is placed before the guest is complete
+                if getattr(self, "preempt_error", None):
+                    raise ProtocolError(self.preempt_error)
             self.pc.finish()
             self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
         else:

@@ -13,7 +13,8 @@ CAPABILITIES = (
     "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
 )
 # Capabilities livemig implements; the others are accepted only as "off".
-SUPPORTED_CAPABILITIES = {"events", "return-path", "postcopy-ram", "postcopy-blocktime", "late-block-activate"}
+SUPPORTED_CAPABILITIES = {"events", "return-path", "postcopy-ram", "postcopy-blocktime", "postcopy-preempt",
+                          "late-block-activate"}
 
 # name -> (default, kind, minimum, maximum)
 PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {

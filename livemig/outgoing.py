@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import state as S
-from .profiling import run_profiled
+from .profiling import make_urgent, run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .ramblock import TPS, RamBlock, runs, unpack_bitmap
@@ -75,9 +75,16 @@ class RamSender:
         self.dirty = np.ones(block.npages, dtype=np.bool_)  # everything needs sending at first
         self.ndirty = block.npages
         self.scan = 0
-        self.named = False  # CONTINUE context: the first record must carry the block name
-        rows = max(BATCH_PAGES, block.page_size // TPS)  # a postcopy batch is at least one host page
-        self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
+        self.lock = threading.Lock()  # claims of dirty pages (migration thread vs urgent sends)
+        self.main = PageChannel(block, writer, stats)
+
+    @property
+    def named(self) -> bool:
+        return self.main.named
+
+    @named.setter
+    def named(self, value: bool) -> None:
+        self.main.named = value
 
     def merge(self, words: np.ndarray) -> int:
         """OR a KVM dirty log into the bitmap; returns how many pages were newly dirtied."""
@@ -88,6 +95,10 @@ class RamSender:
         return int(np.count_nonzero(bits)) if before else self.ndirty
 
     def next_batch(self, maxn: int = BATCH_PAGES) -> np.ndarray:
+        with self.lock:
+            return self._next_batch(maxn)
+
+    def _next_batch(self, maxn: int) -> np.ndarray:
         npages = self.block.npages
         scanned = 0
         while self.ndirty and scanned <= npages:
@@ -125,12 +136,29 @@ class RamSender:
     def take(self, first: int, count: int) -> np.ndarray:
         """Claim the still-dirty pages of [first, first+count) (a page request) and move the scan
         position right after them, so the background pass continues from there."""
-        hits = np.flatnonzero(self.dirty[first:first + count]) + first
-        if hits.size:
-            self.dirty[hits] = False
-            self.ndirty -= hits.size
-        self.scan = first + count if first + count < self.block.npages else 0
-        return hits
+        with self.lock:
+            hits = np.flatnonzero(self.dirty[first:first + count]) + first
+            if hits.size:
+                self.dirty[hits] = False
+                self.ndirty -= hits.size
+            self.scan = first + count if first + count < self.block.npages else 0
+            return hits
+
+    def send(self, idx: np.ndarray) -> None:
+        """Send pages on the main channel."""
+        self.main.send(idx)
+
+
+class PageChannel:
+    """Page records on one connection: its CONTINUE context ('named') and its staging buffer."""
+
+    def __init__(self, block: RamBlock, writer: Writer, stats: RamStats):
+        self.block = block
+        self.w = writer
+        self.stats = stats
+        self.named = False  # CONTINUE context: the first record must carry the block name
+        rows = max(BATCH_PAGES, block.page_size // TPS)  # a postcopy batch is at least one host page
+        self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
 
     def send(self, idx: np.ndarray) -> None:
         """Send the pages `idx` (ascending): zero pages as ZERO records, the rest as PAGE records."""
@@ -202,6 +230,9 @@ class Outgoing:
         self.requests: collections.deque[tuple[int, int]] = collections.deque()
         self.wakeup = threading.Event()  # a page request arrived
         self._rp_last_block: str | None = None
+        self.preempt: PageChannel | None = None  # postcopy-preempt channel, while open
+        self.preempt_chan: Channel | None = None
+        self.preempt_lock = threading.Lock()
         self.package_loaded = threading.Event()  # PONG(0x42)
 
     # -- control (called from QMP)
@@ -290,6 +321,8 @@ class Outgoing:
             if not use_rp:
                 raise MigrationError("postcopy needs a return path: use a socket transport (tcp:, unix:, fd:)")
             w.write(WS.postcopy_advise(block.page_size, TPS))
+            if self.opts.cap("postcopy-preempt") and self.uri.scheme not in ("tcp", "unix"):
+                raise MigrationError("postcopy-preempt opens a second connection: use a tcp: or unix: URI")
         w.write(WS.section_header(WS.Section.START, RAM_SECTION_ID, WR.IDSTR, WR.INSTANCE, WR.VERSION))
         huge = block.page_size if self.opts.cap("postcopy-ram") and block.page_size != TPS else None
         w.write(WR.setup_payload([WR.BlockInfo(block.name, block.size, huge)]))
@@ -429,16 +462,20 @@ class Outgoing:
         self.switch_time = time.monotonic()
         w.write(WS.ping(4))
         w.flush()
+        if self.opts.cap("postcopy-preempt"):
+            self._open_preempt()
         m.dirty_log_stop()  # after the package: a memslot update is not free, keep it out of the downtime
         self.dirty_logging = False
         self._shrink_send_buffer()
         self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)
         self._postcopy_loop()
+        self._close_preempt()
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
         w.write(WS.eof())
         w.flush()
-        self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes
-        self.stats.transferred = w.position
+        extra = getattr(self, "preempt_bytes", 0)
+        self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes + extra
+        self.stats.transferred = w.position + extra
         self._await_shut("in postcopy")
         self.end_time = time.monotonic()
         self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
@@ -489,6 +526,47 @@ class Outgoing:
             self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes
             if throttled:
                 self._wait_rate_window(urgent=self.wakeup)
+
+    def _open_preempt(self) -> None:
+        """postcopy-preempt: a second connection, opened once a PONG proves the destination has
+        its main channel (so it takes this one as the preempt channel); no header on it."""
+        deadline = time.monotonic() + 10
+        while not self.pongs:
+            self._check()
+            if time.monotonic() > deadline:
+                raise MigrationError("no PONG from the destination: cannot open the postcopy-preempt channel")
+            time.sleep(0.001)
+        chan = connect(self.uri)
+        self.preempt_chan = chan
+        self.preempt = PageChannel(self.sender.block, Writer(chan), self.stats)
+
+    def _close_preempt(self) -> None:
+        if self.preempt is None:
+            return
+        with self.preempt_lock:
+            self.preempt.w.flush()
+            self.preempt_bytes = self.preempt.w.position
+            self.preempt_chan.shutdown_write()
+            self.preempt = None
+
+    def _send_urgent(self, start: int, length: int) -> bool:
+        """Return-path thread, preempt on: send the requested host page at once on the preempt
+        channel (the background scan then continues after it). Each channel carries whole host
+        pages, so a host page is never split across channels."""
+        with self.preempt_lock:
+            if self.preempt is None:
+                return False
+            first, count = start // TPS, length // TPS
+            idx = self.sender.take(first, count)
+            if not idx.size:
+                # already claimed by the background push, so somewhere in the main channel's
+                # queue: send it again here rather than make the vCPU wait for that queue (the
+                # destination keeps whichever copy lands first; the other is EEXIST)
+                idx = np.arange(first, first + count)
+                self.stats.x_resent_urgent = getattr(self.stats, "x_resent_urgent", 0) + count
+            self.preempt.send(idx)
+            self.preempt.w.flush()
+            return True
 
     def _shrink_send_buffer(self) -> None:
         """A requested page queues behind whatever background data is already buffered: keep
@@ -605,6 +683,8 @@ class Outgoing:
         if self.chan is not None:
             self.chan.shutdown()
             self.chan.close()
+        if self.preempt_chan is not None:
+            self.preempt_chan.close()
         if self.rp_thread is not None:
             self.rp_thread.join(timeout=5)
 
@@ -623,6 +703,8 @@ class Outgoing:
         if msg.start + msg.length > self.sender.block.size:
             raise ProtocolError(f"return path: page request 0x{msg.start:x}+0x{msg.length:x} outside RAM block {block!r}")
         self.stats.postcopy_requests += 1
+        if self.preempt is not None and self._send_urgent(msg.start, msg.length):
+            return
         self.requests.append((msg.start, msg.length))
         self.wakeup.set()
 
@@ -630,6 +712,7 @@ class Outgoing:
         chan = self.chan
         assert chan is not None and chan.sock is not None
         dec = RPW.RPDecoder()
+        make_urgent()
         try:
             while True:
                 data = chan.sock.recv(4096)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import GuestError, ProtocolError
+from .profiling import make_urgent
 from .ramblock import TPS, RamBlock
 from .uffd import UserFault, probe
 from .wire import returnpath as RPW
@@ -124,6 +125,7 @@ class PostcopyDestination:
     # -- the fault thread
     def _fault_loop(self) -> None:
         assert self.uffd is not None
+        make_urgent()
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)

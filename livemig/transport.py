@@ -108,6 +108,14 @@ class Channel:
             except OSError:
                 pass
 
+    def shutdown_write(self) -> None:
+        """No more data from us (the peer reads EOF once it has drained what was sent)."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         try:
             if self.sock is not None:
@@ -200,7 +208,9 @@ class Listener:
         elif self.sock is not None:
             self.address = {"type": "unix", "path": uri.path}
 
-    def accept(self) -> Channel:
+    def accept(self, keep_open: bool = False) -> Channel:
+        """The next connection; the listening socket closes unless `keep_open` (a second
+        channel, postcopy-preempt, will follow)."""
         if self.fd is not None:
             return _from_fd(self.fd) if self.uri.scheme == "fd" else Channel(fd=self.fd)
         assert self.sock is not None
@@ -209,13 +219,18 @@ class Listener:
         except OSError as e:
             raise TransportError(f"accepting the migration connection failed: {e.strerror or e}") from None
         finally:
+            if not keep_open:
+                self.close_socket()
+        return Channel(_tune(conn))
+
+    def close_socket(self) -> None:
+        if self.sock is not None:
             self.sock.close()
             if self.uri.scheme == "unix":
                 try:
                     os.unlink(self.uri.path)
                 except OSError:
                     pass
-        return Channel(_tune(conn))
 
     def close(self) -> None:
         if self.sock is not None:

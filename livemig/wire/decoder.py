@@ -160,7 +160,9 @@ class StreamDecoder:
 
     def __init__(self, blocks: list[LocalBlock], devices: dict[tuple[str, int], VMStateDescription],
                  *, postcopy: bool = False, expect_header: bool = True, host_page_size: int = TPS,
-                 buffer_size: int = 4 << 20):
+                 buffer_size: int = 4 << 20, bare_ram: bool = False):
+        """bare_ram: the postcopy-preempt channel, a bare sequence of RAM page records with its
+        own CONTINUE context and no header, sections or footers."""
         self.blocks = {b.name: b for b in blocks}
         self.devices = devices
         self.postcopy = postcopy
@@ -169,7 +171,8 @@ class StreamDecoder:
         self._arr = np.frombuffer(self.buf, dtype=np.uint8)
         self.start = 0  # first unparsed byte
         self.end = 0  # end of received bytes
-        self.phase = _HEADER if expect_header else _MAIN
+        self.bare_ram = bare_ram
+        self.phase = _RAM if bare_ram else (_HEADER if expect_header else _MAIN)
         self.sections: dict[int, _Live] = {}
         self.ram_section: int | None = None
         self.ram_kind = Section.START
@@ -228,6 +231,9 @@ class StreamDecoder:
             return
         if self.phase == _VMDESC:
             self.phase = _DONE  # a cut vmdesc only loses the description
+            return
+        if self.bare_ram and self.pending == 0:
+            self.phase = _DONE  # the preempt channel just closes after its last record
             return
         raise ProtocolError(f"migration stream truncated ({self.pending} unparsed bytes at the end)")
 
@@ -377,6 +383,10 @@ class StreamDecoder:
         if flags >= R.FLAGS_MAX:
             raise ProtocolError(f"RAM flags 0x{flags:x} out of range")
         kind = flags & ~R.FLAG_CONTINUE
+        if kind == R.FLAG_EOS and self.bare_ram:
+            return None  # pre-7.2 QEMU ends its preempt channel with an EOS
+        if kind == R.FLAG_MEM_SIZE and self.bare_ram:
+            raise ProtocolError("MEM_SIZE record on the postcopy-preempt channel")
         if kind == R.FLAG_EOS:
             self._footer(cur, self.ram_section)
             self.phase = _MAIN

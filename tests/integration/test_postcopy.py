@@ -180,3 +180,33 @@ def test_destination_dies_before_switchover(vms):
     n = len(src.output())
     time.sleep(0.3)
     assert len(src.output()) > n and src.cmd("query-status")["status"] == "running"
+
+
+@pytest.mark.parametrize("immediately", [False, True], ids=["after-first-pass", "immediately"])
+def test_postcopy_preempt(vms, immediately):
+    """postcopy-preempt: requested pages travel on a second connection."""
+    global PC
+    src = vms("src", memory="256M", ws_mib=0)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(1)
+    saved, PC = PC, PC + ("postcopy-preempt",)
+    try:
+        info = _postcopy(src, dst, immediately=immediately)
+    finally:
+        PC = saved
+    assert_migrated(src, dst, 256 * MiB, 0)
+    if immediately:
+        assert info["ram"]["postcopy-requests"] > 0
+
+
+def test_postcopy_preempt_hugetlb(vms, hugepages):
+    global PC
+    src = vms("src", memory="128M", ws_mib=0, extra=["--memory-backend", "hugetlb"])
+    dst = vms("dst", memory="128M", incoming="defer", extra=["--memory-backend", "hugetlb"])
+    src.wait_passes(1)
+    saved, PC = PC, PC + ("postcopy-preempt",)
+    try:
+        _postcopy(src, dst, immediately=True)
+    finally:
+        PC = saved
+    assert_migrated(src, dst, 128 * MiB, 0)
