@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import state as S
-from .profiling import make_urgent, run_profiled
+from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .postcopy import Placer, PostcopyDestination, check_host
@@ -254,7 +254,6 @@ class Incoming:
     def _preempt_loop(self) -> None:
         """mig/dst/preempt: the second connection carries requested pages only, as bare page
         records; the source closes it before it sends EOF on the main channel."""
-        make_urgent()
         try:
             chan = self.listener.accept()
             self.preempt_chan = chan

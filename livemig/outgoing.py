@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import state as S
-from .profiling import make_urgent, run_profiled
+from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .ramblock import TPS, RamBlock, runs, unpack_bitmap
@@ -712,7 +712,6 @@ class Outgoing:
         chan = self.chan
         assert chan is not None and chan.sock is not None
         dec = RPW.RPDecoder()
-        make_urgent()
         try:
             while True:
                 data = chan.sock.recv(4096)

@@ -18,7 +18,6 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import GuestError, ProtocolError
-from .profiling import make_urgent
 from .ramblock import TPS, RamBlock
 from .uffd import UserFault, probe
 from .wire import returnpath as RPW
@@ -125,7 +124,6 @@ class PostcopyDestination:
     # -- the fault thread
     def _fault_loop(self) -> None:
         assert self.uffd is not None
-        make_urgent()
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
