@@ -1,0 +1,80 @@
+"""Remote-fault latency of livemig postcopy, with and without postcopy-preempt, on the shared
+harness's dirtying guest (all RAM), switched to postcopy after the first pass.
+
+    python3 bench/postcopy_latency.py [--mem 1G] [--reps 3]
+
+Prints per run and the medians: downtime, switchover -> complete, page requests, destination
+blocktime, and fault -> placement latency p50 / p99 (livemig's own `x-livemig-postcopy`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from livemig.cli import run_migration
+from livemig.qmpclient import QMPClient
+
+GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "dirty.bin"
+
+
+def one(mem: str, preempt: bool) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
+    img = bytearray(GUEST.read_bytes())
+    struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
+    (tmp / "boot.img").write_bytes(bytes(img))
+    base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(tmp / "boot.img")]
+    procs = [subprocess.Popen(base + ["--qmp", f"unix:{tmp}/{n}.qmp", "--serial", f"file:{tmp}/{n}.log"] + extra,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for n, extra in (("src", []), ("dst", ["--incoming", "defer"]))]
+    try:
+        QMPClient(f"unix:{tmp}/src.qmp").close()
+        while not (tmp / "src.log").exists() or (tmp / "src.log").stat().st_size < 2:
+            time.sleep(0.05)
+        r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
+                          quiet=True, postcopy=True, preempt=preempt)
+        s, d = r["source"], r["destination"]
+        pc = d.get("x-livemig-postcopy", {})
+        return {"status": s["status"], "downtime": s.get("downtime"), "switch_to_complete_s": r["switch_to_complete_s"],
+                "requests": s.get("ram", {}).get("postcopy-requests"), "blocktime": d.get("postcopy-blocktime"),
+                "p50": pc.get("p50-us"), "p99": pc.get("p99-us")}
+    finally:
+        for n in ("src", "dst"):
+            try:
+                QMPClient(f"unix:{tmp}/{n}.qmp", timeout=2).cmd("quit")
+            except Exception:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mem", default="1G")
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    results: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(a.reps):
+        for preempt in (False, True):
+            r = one(a.mem, preempt)
+            results[preempt].append(r)
+            print(("preempt " if preempt else "main    "), r, flush=True)
+    print(f"\nmedians over {a.reps} runs, {a.mem} guest dirtying all RAM:")
+    for preempt, rs in results.items():
+        ok = [r for r in rs if r["status"] == "completed" and r["p50"] is not None]
+        med = {k: statistics.median([r[k] for r in ok]) for k in ("downtime", "switch_to_complete_s", "requests",
+                                                               "blocktime", "p50", "p99")} if ok else {}
+        print(f"  {'postcopy-preempt' if preempt else 'one channel     '}: {len(ok)}/{len(rs)} ok  {med}")
+
+
+if __name__ == "__main__":
+    main()
