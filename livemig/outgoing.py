@@ -363,10 +363,11 @@ class Outgoing:
             bw = min(bw, (self.writer.position - self._pass_bytes0) / dt)
         return bw * self.opts.param("downtime-limit") / 1000.0
 
-    def _sync(self) -> None:
+    def _sync(self, final: bool = False) -> None:
         now = time.monotonic()
         self._pass_t0, self._pass_bytes0 = now, self.writer.position
-        newly = self.sender.merge(self.machine.dirty_log_sync())
+        words = self.machine.dirty_log_sync(clear=False) if final else self.machine.dirty_log_sync()
+        newly = self.sender.merge(words)
         st = self.stats
         st.dirty_sync_count += 1
         if not hasattr(self, "_rate_period_start"):
@@ -445,7 +446,7 @@ class Outgoing:
             self._check()
         self.stats.precopy_bytes = w.position
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
-        self._sync()  # the guest is stopped: this is the last dirty information
+        self._sync(final=True)  # the guest is stopped: this is the last dirty information
         sender.canonicalize()
         # discard every page the destination must not keep: never sent, or dirtied since
         for name_ranges in self._discard_commands():
@@ -625,7 +626,7 @@ class Outgoing:
         precopy_bytes = w.position
         marks["pause"] = time.monotonic() - t_stop
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
-        self._sync()
+        self._sync(final=True)
         marks["sync"] = time.monotonic() - t_stop
         marks["pages"] = self.sender.ndirty
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID))
