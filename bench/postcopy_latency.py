@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from livemig.cli import run_migration
+from livemig.cli import run_migration, stop_vms
 from livemig.qmpclient import QMPClient
 
 GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "dirty.bin"
@@ -45,16 +45,7 @@ def one(mem: str, preempt: bool) -> dict:
                 "requests": s.get("ram", {}).get("postcopy-requests"), "blocktime": d.get("postcopy-blocktime"),
                 "p50": pc.get("p50-us"), "p99": pc.get("p99-us")}
     finally:
-        for n in ("src", "dst"):
-            try:
-                QMPClient(f"unix:{tmp}/{n}.qmp", timeout=2).cmd("quit")
-            except Exception:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_vms(tmp, procs)
 
 
 def main() -> None:

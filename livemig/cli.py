@@ -290,17 +290,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     finally:
-        for n in ("src", "dst"):
-            try:
-                QMPClient(f"unix:{tmp}/{n}.qmp", timeout=2).cmd("quit")
-            except Exception:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_vms(tmp, procs)
     return rc
+
+
+def stop_vms(tmp: Path, procs: list) -> None:
+    """`quit` the demo's two VMs over QMP (src.qmp, dst.qmp in `tmp`); kill what does not exit."""
+    from .qmpclient import QMPClient
+    for n in ("src", "dst"):
+        try:
+            QMPClient(f"unix:{tmp}/{n}.qmp", timeout=2).cmd("quit")
+        except Exception:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 # ----------------------------------------------------------------------------- main

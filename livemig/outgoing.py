@@ -436,14 +436,7 @@ class Outgoing:
     def _postcopy(self) -> None:
         m, w, sender = self.machine, self.writer, self.sender
         w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
-        self.was_running = m.running
-        t_stop = time.monotonic()
-        if self.was_running:
-            m.pause()
-            self.paused_by_us = True
-            self.emit("STOP", None)
-        if not self.state.set(S.ACTIVE, S.DEVICE):
-            self._check()
+        t_stop = self._stop_guest()
         self.stats.precopy_bytes = w.position
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
         self._sync(final=True)  # the guest is stopped: this is the last dirty information
@@ -593,6 +586,19 @@ class Outgoing:
             self.wakeup.clear()
         return took
 
+    def _stop_guest(self) -> float:
+        """Switchover begins: stop the vCPU (if it runs) and enter `device`; returns the stop time."""
+        m = self.machine
+        self.was_running = m.running
+        t_stop = time.monotonic()
+        if self.was_running:
+            m.pause()
+            self.paused_by_us = True
+            self.emit("STOP", None)
+        if not self.state.set(S.ACTIVE, S.DEVICE):
+            self._check()
+        return t_stop
+
     def _device_sections(self) -> bytes:
         out = bytearray()
         for i, dev in enumerate(self.machine.devices(), start=1):
@@ -613,16 +619,9 @@ class Outgoing:
 
     def _complete(self) -> None:
         """Stop the guest, send the rest and the device state, wait for the destination's SHUT."""
-        m, w = self.machine, self.writer
-        self.was_running = m.running
-        t_stop = time.monotonic()
+        w = self.writer
         marks = self.switchover_marks = {}
-        if self.was_running:
-            m.pause()
-            self.paused_by_us = True
-            self.emit("STOP", None)
-        if not self.state.set(S.ACTIVE, S.DEVICE):
-            self._check()
+        t_stop = self._stop_guest()
         precopy_bytes = w.position
         marks["pause"] = time.monotonic() - t_stop
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
