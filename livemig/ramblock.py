@@ -37,12 +37,18 @@ def pack_bitmap(bits: np.ndarray) -> bytes:
 
 def runs(bits: np.ndarray) -> list[tuple[int, int]]:
     """(start, count) of each run of set bits."""
-    if not bits.any():
-        return []
-    d = np.diff(np.concatenate(([0], bits.astype(np.int8), [0])))
-    starts = np.flatnonzero(d == 1)
-    ends = np.flatnonzero(d == -1)
+    starts, ends = run_bounds(bits)
     return list(zip(starts.tolist(), (ends - starts).tolist()))
+
+
+def run_bounds(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) indices of each run of set bits, as arrays (no Python loop)."""
+    if not bits.size:
+        return np.empty(0, np.intp), np.empty(0, np.intp)
+    bounds = np.concatenate(([0], np.flatnonzero(bits[1:] != bits[:-1]) + 1, [bits.size]))
+    starts, ends = bounds[:-1], bounds[1:]
+    keep = bits[starts].astype(bool)
+    return starts[keep], ends[keep]
 
 
 # ----------------------------------------------------------------------------- page allocation

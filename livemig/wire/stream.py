@@ -118,9 +118,14 @@ def packaged(blob: bytes) -> bytes:
     return command(Cmd.PACKAGED, struct.pack(">I", len(blob))) + blob
 
 
+def ram_discard_prefix(block: str) -> bytes:
+    """The head of a POSTCOPY_RAM_DISCARD payload: version 0, counted block name, NUL."""
+    return b"\x00" + counted(block) + b"\x00"
+
+
 def ram_discard(block: str, ranges: list[tuple[int, int]]) -> bytes:
-    """POSTCOPY_RAM_DISCARD: version 0, counted name, NUL, then (be64 start, be64 length) pairs."""
-    payload = b"\x00" + counted(block) + b"\x00" + b"".join(struct.pack(">QQ", s, n) for s, n in ranges)
+    """POSTCOPY_RAM_DISCARD: the prefix, then (be64 start, be64 length) pairs."""
+    payload = ram_discard_prefix(block) + b"".join(struct.pack(">QQ", s, n) for s, n in ranges)
     return command(Cmd.POSTCOPY_RAM_DISCARD, payload)
 
 
