@@ -239,32 +239,31 @@ class Placer:
             self._place_runs(idx[s:s + 256], copy=False)
 
     def _place_runs(self, part: np.ndarray, copy: bool) -> None:
+        """UFFDIO_COPY (or ZEROPAGE) each maximal run of consecutive, not yet received pages of
+        `part` (staging row i holds page part[i]); the runs are found with numpy."""
         pc = self.pc
         uffd = pc.uffd
         assert uffd is not None
         todo = ~pc.received[part]
-        breaks = np.flatnonzero(np.diff(part) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [part.size]))
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            i = a
-            while i < b:
-                if not todo[i]:
-                    i += 1
-                    continue
-                j = i
-                while j < b and todo[j]:
-                    j += 1
+        joined = np.diff(part) == 1  # page i+1 directly follows page i
+        cont_prev = np.concatenate(([False], todo[:-1] & joined))
+        cont_next = np.concatenate((todo[1:] & joined, [False]))
+        starts = np.flatnonzero(todo & ~cont_prev)
+        ends = np.flatnonzero(todo & ~cont_next) + 1
+        for i, j in zip(starts.tolist(), ends.tolist()):
+            while i < j:
                 page = int(part[i])
-                length = (j - i) * TPS
                 dst = pc.addr + page * TPS
-                done = uffd.copy(dst, self.staging_addr + i * TPS, length, self.copy_buf) if copy \
-                    else uffd.zeropage(dst, length, self.zero_buf)
-                placed = done // TPS
-                if placed < j - i:  # a page got there first (EEXIST/EAGAIN): skip it and go on
-                    placed += 1
-                pc._placed(page, page + min(placed, j - i), copy)
-                i += min(placed, j - i)
+                if copy:
+                    done = uffd.copy(dst, self.staging_addr + i * TPS, (j - i) * TPS, self.copy_buf)
+                else:
+                    done = uffd.zeropage(dst, (j - i) * TPS, self.zero_buf)
+                placed = min(done // TPS, j - i)
+                pc._placed(page, page + placed, copy)
+                i += placed
+                if i < j:  # the copy stopped at a page that got there first (EEXIST/EAGAIN): skip it
+                    pc._placed(int(part[i]), int(part[i]) + 1, copy)
+                    i += 1
 
     def _assemble(self, idx: np.ndarray, data: np.ndarray | None) -> None:
         """Huge pages: collect the target pages of one host page (they arrive back to back on
