@@ -14,8 +14,8 @@ def _postcopy(src, dst, *, immediately: bool, params=None):
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
     dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}
                                                       for c in PC + ("postcopy-blocktime",)])
-    if params:
-        src.cmd("migrate-set-parameters", **params)
+    # as QEMU's postcopy tests: a downtime limit precopy cannot meet, so only postcopy completes
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 1, **(params or {})})
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     addr = dst.cmd("query-migrate")["socket-address"][0]
     src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
