@@ -160,6 +160,18 @@ class PageChannel:
         rows = max(BATCH_PAGES, block.page_size // TPS)  # a postcopy batch is at least one host page
         self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
 
+    def send_one(self, page: int) -> None:
+        """One page as one record (the common case of a requested 4 KiB page), without batching."""
+        data = self.block.u8[page]
+        name = None if self.named else self.block.name
+        if data.any():
+            self.w.write(WR.page_header(page * TPS, WR.FLAG_PAGE, name) + data.tobytes())
+            self.stats.normal += 1
+        else:
+            self.w.write(WR.page_header(page * TPS, WR.FLAG_ZERO, name) + b"\x00")
+            self.stats.duplicate += 1
+        self.named = True
+
     def send(self, idx: np.ndarray) -> None:
         """Send the pages `idx` (ascending): zero pages as ZERO records, the rest as PAGE records."""
         if not self.named:
@@ -572,7 +584,10 @@ class Outgoing:
                 # destination keeps whichever copy lands first; the other is EEXIST)
                 idx = np.arange(first, first + count)
                 self.stats.x_resent_urgent = getattr(self.stats, "x_resent_urgent", 0) + count
-            self.preempt.send(idx)
+            if idx.size == 1:
+                self.preempt.send_one(int(idx[0]))
+            else:
+                self.preempt.send(idx)
             self.preempt.w.flush()
             return True
 

@@ -226,10 +226,20 @@ class Placer:
         if self.hp > 1:
             self._assemble(idx, data)
             return
+        if idx.size == 1 and data.flags.c_contiguous:
+            self._place_one(int(idx[0]), data)
+            return
         for s in range(0, idx.size, 256):
             part = idx[s:s + 256]
             self.staging[:part.size] = data[s:s + part.size]
             self._place_runs(part, copy=True)
+
+    def _place_one(self, page: int, data: np.ndarray) -> None:
+        """A lone page (a requested page, typically): copy it straight from the receive buffer."""
+        pc = self.pc
+        if not pc.received[page]:
+            pc.uffd.copy(pc.addr + page * TPS, data.ctypes.data, TPS, self.copy_buf)
+        pc._placed(page, page + 1, True)
 
     def place_zero_pages(self, idx: np.ndarray) -> None:
         if self.hp > 1:
