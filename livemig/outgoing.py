@@ -223,6 +223,7 @@ class Outgoing:
         self.cancel_requested = False
         self.chan: Channel | None = None
         self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/src/main", daemon=True)
+        self.switch_lock = threading.Lock()
         self.rp_thread: threading.Thread | None = None
         self.rp_error: str | None = None
         self.shut = threading.Event()
@@ -254,15 +255,20 @@ class Outgoing:
         self.thread.start()
 
     def cancel(self) -> None:
-        st = self.state.status
-        if st in S.IN_POSTCOPY:
-            raise MigrationError("Postcopy migration in progress, cannot cancel")
-        if st in S.FINISHED or st == S.NONE:
-            return
-        self.cancel_requested = True
-        self.state.set({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE}, S.CANCELLING)
-        if self.chan is not None:
-            self.chan.shutdown()
+        # the switch lock keeps a cancel out of the two moments the guest changes hands: the
+        # postcopy package (until postcopy-device) and precopy completion (after SHUT(0))
+        with self.switch_lock:
+            st = self.state.status
+            if st in S.IN_POSTCOPY:
+                raise MigrationError("Postcopy migration in progress, cannot cancel")
+            if st in S.FINISHED or st == S.NONE:
+                return
+            if self.shut.is_set() and self.shut_value == 0:
+                return  # the destination has loaded everything and runs the guest: too late
+            self.cancel_requested = True
+            self.state.set({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE}, S.CANCELLING)
+            if self.chan is not None:
+                self.chan.shutdown()
 
     def start_postcopy(self) -> None:
         """migrate-start-postcopy: only a flag; the migration thread switches at its next step."""
@@ -448,6 +454,13 @@ class Outgoing:
     def _postcopy(self) -> None:
         m, w, sender = self.machine, self.writer, self.sender
         w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        with self.switch_lock:
+            self._switch_to_postcopy(w, sender, m)
+        self._postcopy_loop()
+        self._finish_postcopy(w)
+
+    def _switch_to_postcopy(self, w: Writer, sender: RamSender, m: Any) -> None:
+        """Stop the guest, discard, send the package; ends in postcopy-device (cancel refused)."""
         t_stop = self._stop_guest()
         marks = self.switchover_marks = {"pause": time.monotonic() - t_stop}
         self.stats.precopy_bytes = w.position
@@ -480,7 +493,8 @@ class Outgoing:
         self.dirty_logging = False
         self._shrink_send_buffer()
         self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)
-        self._postcopy_loop()
+
+    def _finish_postcopy(self, w: Writer) -> None:
         self._close_preempt()
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
         w.write(WS.eof())
@@ -671,13 +685,16 @@ class Outgoing:
         self.stats.remaining = 0
         if self.chan.bidirectional:
             self._await_shut("loading the migration stream")
-        self.end_time = time.monotonic()
-        marks["shut"] = self.end_time - t_stop
-        self.downtime_ms = int((self.end_time - t_stop) * 1000)
-        dt = self.end_time - self.start_time - self.setup_time / 1000
-        if dt > 0:
-            self.stats.mbps = self.stats.transferred * 8 / dt / 1e6
-        self.state.set(S.DEVICE, S.COMPLETED)
+        with self.switch_lock:
+            self.end_time = time.monotonic()
+            marks["shut"] = self.end_time - t_stop
+            self.downtime_ms = int((self.end_time - t_stop) * 1000)
+            dt = self.end_time - self.start_time - self.setup_time / 1000
+            if dt > 0:
+                self.stats.mbps = self.stats.transferred * 8 / dt / 1e6
+            # a cancel that lost the race with SHUT(0): the guest runs on the destination now
+            self.cancel_requested = False
+            self.state.set({S.DEVICE, S.CANCELLING}, S.COMPLETED)
 
     # -- failure and cleanup
     def _fail(self, e: Exception) -> None:
