@@ -24,7 +24,7 @@ from livemig.qmpclient import QMPClient
 GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "dirty.bin"
 
 
-def one(mem: str, preempt: bool) -> dict:
+def one(mem: str, preempt: bool, resend: bool = True) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
     img = bytearray(GUEST.read_bytes())
     struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
@@ -37,6 +37,10 @@ def one(mem: str, preempt: bool) -> dict:
         QMPClient(f"unix:{tmp}/src.qmp").close()
         while not (tmp / "src.log").exists() or (tmp / "src.log").stat().st_size < 2:
             time.sleep(0.05)
+        if preempt and resend:
+            src = QMPClient(f"unix:{tmp}/src.qmp")
+            src.cmd("migrate-set-parameters", **{"x-preempt-resend": True})
+            src.close()
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
                           quiet=True, postcopy=True, preempt=preempt)
         s, d = r["source"], r["destination"]
@@ -52,11 +56,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mem", default="1G")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
     a = ap.parse_args()
     results: dict[bool, list[dict]] = {False: [], True: []}
     for _ in range(a.reps):
         for preempt in (False, True):
-            r = one(a.mem, preempt)
+            r = one(a.mem, preempt, not a.no_resend)
             results[preempt].append(r)
             print(("preempt " if preempt else "main    "), r, flush=True)
     print(f"\nmedians over {a.reps} runs, {a.mem} guest dirtying all RAM:")

@@ -162,6 +162,8 @@ class Incoming:
             if dirty.size:
                 self.block.u8[dirty] = 0
                 self.nonzero[dirty] = False
+            if self.pc is not None:
+                self.pc.map_zero(idx)  # after ADVISE: an unmapped "received" page would fault later
             self.received[idx] = True
             self.stats.duplicate += idx.size
             return False
@@ -275,13 +277,20 @@ class Incoming:
                         placer.place_zero_pages(idx)
                         self.stats.duplicate += idx.size
         except Exception as e:
+            if self.state.status in S.FINISHED:
+                return  # the listener closed at the end of a migration that did not use preempt
             self.preempt_error = f"postcopy-preempt channel: {e}"
             print(f"livemig: {self.preempt_error}", file=sys.stderr, flush=True)
+            for c in (getattr(self, "preempt_chan", None), self.chan):
+                if c is not None:
+                    c.shutdown()  # the main loader sees the failure; the source's sends fail
 
     def _finish(self) -> None:
         if self.pc is not None and self.pc.listening:
             t = getattr(self, "preempt_thread", None)
             if t is not None:
+                if getattr(self, "preempt_chan", None) is None:
+                    self._close_listener()  # the source never opened it: stop waiting
                 t.join(timeout=60)  # every requested page is placed before the guest is complete
                 if getattr(self, "preempt_error", None):
                     raise ProtocolError(self.preempt_error)
@@ -301,6 +310,13 @@ class Incoming:
     def _close(self) -> None:
         if self.chan is not None:
             self.chan.close()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        try:
+            self.listener.close()
+        except OSError:
+            pass
 
     def _fail(self, e: Exception) -> None:
         if isinstance(e, (MigrationError, OSError)):
@@ -313,15 +329,23 @@ class Incoming:
         except Exception:
             pass
         self._close()
+        self._close_listener()
+        self.state.set({S.SETUP, S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE}, S.FAILED)
+        if self.running_guest:
+            # pages that never arrived must not read as zeros: keep userfaultfd registered (faulting
+            # threads wait) and stop the vCPU; the process stays up with the guest's state
+            try:
+                self.machine.pause()
+            except Exception:
+                pass
+            print(f"livemig: postcopy failed after the guest started here; guest paused: {msg}",
+                  file=sys.stderr, flush=True)
+            return
         if self.pc is not None and self.pc.listening:
             try:
                 self.pc.finish()
             except Exception:
                 pass
-        self.state.set({S.SETUP, S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE}, S.FAILED)
-        if self.running_guest:
-            print(f"livemig: postcopy failed after the guest started here: {msg}", file=sys.stderr, flush=True)
-            return  # the guest runs here now: keep the process (and its state) alive
         if self.exit_on_error:
             print(f"livemig: load of migration failed: {msg}", file=sys.stderr, flush=True)
             os._exit(1)

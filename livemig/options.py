@@ -39,6 +39,11 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     "tls-creds": ("", "str", None, None),
     "tls-hostname": ("", "str", None, None),
     "tls-authz": ("", "str", None, None),
+    # livemig's own: with postcopy-preempt, also re-send on the preempt channel a requested page
+    # the background push already queued on the main channel (halves fault latency here). The
+    # destination then gets that page twice; livemig keeps the first copy, QEMU treats the second
+    # as an error, so it is off by default.
+    "x-preempt-resend": (False, "bool", None, None),
 }
 _ENUMS = {"zero-page-detection": ("none", "legacy", "multifd"), "multifd-compression": ("none",)}
 

@@ -224,6 +224,7 @@ class Outgoing:
         self.chan: Channel | None = None
         self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/src/main", daemon=True)
         self.switch_lock = threading.Lock()
+        self.handed_over = False
         self.rp_thread: threading.Thread | None = None
         self.rp_error: str | None = None
         self.shut = threading.Event()
@@ -263,8 +264,8 @@ class Outgoing:
                 raise MigrationError("Postcopy migration in progress, cannot cancel")
             if st in S.FINISHED or st == S.NONE:
                 return
-            if self.shut.is_set() and self.shut_value == 0:
-                return  # the destination has loaded everything and runs the guest: too late
+            if self.handed_over:
+                return  # the whole stream is out: the destination may be running the guest already
             self.cancel_requested = True
             self.state.set({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE}, S.CANCELLING)
             if self.chan is not None:
@@ -405,7 +406,7 @@ class Outgoing:
         w, sender = self.writer, self.sender
         w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID))
         t0 = time.monotonic()
-        limit = self.opts.param("max-bandwidth") * RATE_WINDOW_S
+        limit = self.opts.param("max-bandwidth") * RATE_WINDOW_S or float("inf")  # 0: unlimited
         throttled = False
         while sender.ndirty:
             idx = sender.next_batch()
@@ -444,7 +445,7 @@ class Outgoing:
         end = self._rate_window_start + RATE_WINDOW_S
         while (left := end - time.monotonic()) > 0 and not self.cancel_requested:
             if urgent is not None:
-                if urgent.wait(min(left, 0.01)):
+                if urgent.wait(min(left, 0.01)) and self.requests:
                     return  # queued page requests ignore the rate limit
             else:
                 time.sleep(min(left, 0.01))
@@ -454,6 +455,10 @@ class Outgoing:
     def _postcopy(self) -> None:
         m, w, sender = self.machine, self.writer, self.sender
         w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        w.flush()
+        if self.opts.cap("postcopy-preempt"):
+            self._open_preempt()  # before the guest stops, as QEMU: a failure here costs nothing
+        self.wakeup.clear()
         with self.switch_lock:
             self._switch_to_postcopy(w, sender, m)
         self._postcopy_loop()
@@ -482,17 +487,15 @@ class Outgoing:
         self.in_postcopy = True  # page requests are legal from the moment the package can arrive
         w.write(WS.packaged(bytes(package)))
         w.flush()
+        self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)  # the package is out: cancel is refused from here
         self.downtime_ms = int((time.monotonic() - t_stop) * 1000)
         marks["package"] = time.monotonic() - t_stop
         self.switch_time = time.monotonic()
         w.write(WS.ping(4))
         w.flush()
-        if self.opts.cap("postcopy-preempt"):
-            self._open_preempt()
         m.dirty_log_stop()  # after the package: a memslot update is not free, keep it out of the downtime
         self.dirty_logging = False
         self._shrink_send_buffer()
-        self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)
 
     def _finish_postcopy(self, w: Writer) -> None:
         self._close_preempt()
@@ -504,7 +507,8 @@ class Outgoing:
         self.stats.transferred = w.position + extra
         self._await_shut("in postcopy")
         self.end_time = time.monotonic()
-        self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+        if not self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED):
+            raise MigrationError(f"postcopy ended in state {self.state.status}")
 
     def _await_shut(self, where: str) -> None:
         """The source completes only once the destination says so (SHUT 0 on the return path)."""
@@ -538,6 +542,7 @@ class Outgoing:
                 self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)
             if not sender.ndirty and not self.requests:
                 if self.package_loaded.is_set():
+                    self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)  # if the PONG came just now
                     return
                 self.package_loaded.wait(0.05)
                 continue
@@ -577,11 +582,15 @@ class Outgoing:
     def _close_preempt(self) -> None:
         if self.preempt is None:
             return
-        with self.preempt_lock:
+        if not self.preempt_lock.acquire(timeout=30):
+            raise MigrationError("the postcopy-preempt channel is stuck (destination not reading)")
+        try:
             self.preempt.w.flush()
             self.preempt_bytes = self.preempt.w.position
             self.preempt_chan.shutdown_write()
             self.preempt = None
+        finally:
+            self.preempt_lock.release()
 
     def _send_urgent(self, start: int, length: int) -> bool:
         """Return-path thread, preempt on: send the requested host page at once on the preempt
@@ -593,11 +602,12 @@ class Outgoing:
             first, count = start // TPS, length // TPS
             idx = self.sender.take(first, count)
             if not idx.size:
-                # already claimed by the background push, so somewhere in the main channel's
-                # queue: send it again here rather than make the vCPU wait for that queue (the
-                # destination keeps whichever copy lands first; the other is EEXIST)
+                # already claimed by the background push, so somewhere in the main channel's queue.
+                # QEMU skips it (a host page goes on one channel only); with x-preempt-resend it is
+                # sent again here, and the destination keeps whichever copy lands first
+                if not self.opts.param("x-preempt-resend"):
+                    return True
                 idx = np.arange(first, first + count)
-                self.stats.x_resent_urgent = getattr(self.stats, "x_resent_urgent", 0) + count
             if idx.size == 1:
                 self.preempt.send_one(int(idx[0]))
             else:
@@ -679,6 +689,8 @@ class Outgoing:
         w.write(self._device_sections())
         w.write(WS.eof() + WS.vmdescription(self._vmdesc()))
         w.flush()
+        with self.switch_lock:
+            self.handed_over = True  # the destination may start the guest any moment: no cancel now
         marks["devices"] = time.monotonic() - t_stop
         self.stats.downtime_bytes = w.position - precopy_bytes
         self.stats.transferred = w.position
@@ -730,6 +742,7 @@ class Outgoing:
             self.chan.shutdown()
             self.chan.close()
         if self.preempt_chan is not None:
+            self.preempt_chan.shutdown()  # wakes a return-path thread blocked sending on it
             self.preempt_chan.close()
         if self.rp_thread is not None:
             self.rp_thread.join(timeout=5)
@@ -784,5 +797,7 @@ class Outgoing:
         except OSError as e:
             if self.state.status not in S.FINISHED and not self.cancel_requested:
                 self.rp_error = f"return path failed: {e.strerror or e}"
+        except Exception as e:  # never let the return path die silently
+            self.rp_error = f"return path: {type(e).__name__}: {e}"
         if self.rp_error and not self.shut.is_set():
             chan.shutdown()

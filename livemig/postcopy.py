@@ -24,6 +24,7 @@ from .wire import returnpath as RPW
 
 MADV_DONTNEED = 4
 MADV_NOHUGEPAGE = 15
+MADV_POPULATE_READ = 22
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 LATENCY_BUCKETS = 24
@@ -78,6 +79,13 @@ class PostcopyDestination:
             a, b = start // TPS, (start + length) // TPS
             self.received[a:b] = False
             self.nonzero[a:b] = False
+
+    def map_zero(self, idx: np.ndarray) -> None:
+        """Before LISTEN: map the zero page under pages that arrived as ZERO records, so that
+        userfaultfd will not report them missing (the source will never send them again)."""
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        for a, b in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [idx.size])).tolist()):
+            self._madvise(int(idx[a]) * TPS, (b - a) * TPS, MADV_POPULATE_READ)
 
     def _madvise(self, off: int, length: int, advice: int) -> None:
         if _libc.madvise(self.addr + off, length, advice) != 0:

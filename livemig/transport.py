@@ -238,4 +238,4 @@ class Listener:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self.sock.close()
+            self.close_socket()

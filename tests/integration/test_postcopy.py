@@ -190,8 +190,9 @@ def test_postcopy_preempt(vms, immediately):
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(1)
     saved, PC = PC, PC + ("postcopy-preempt",)
-    try:
-        info = _postcopy(src, dst, immediately=immediately)
+    try:  # immediately: also with livemig's re-send of already-queued requested pages
+        info = _postcopy(src, dst, immediately=immediately,
+                         params={"x-preempt-resend": True} if immediately else None)
     finally:
         PC = saved
     assert_migrated(src, dst, 256 * MiB, 0)
