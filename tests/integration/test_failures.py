@@ -33,19 +33,30 @@ def test_cancel_in_setup_then_migrate_again(vms):
     _guest_keeps_running(src)
     src.cmd("migrate_cancel")  # harmless after cancelled
     assert src.cmd("query-migrate")["status"] == "cancelled"
-    dst2 = vms("dst2", memory="128M", incoming="defer")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 100_000_000_000})
-    assert migrate(src, dst2)["status"] == "completed"
-    assert_migrated(src, dst2, 128 * MiB, 8)
+    _migrate_again(vms, src, "128M")
 
 
-def test_cancel_active_keeps_guest_and_fails_destination(vms):
+def _slow_migration_under_way(vms):
+    """A 256 MiB prefilled guest migrating at 20 MB/s, in `active` for a while."""
     src = vms("src", memory="256M", ws_mib=8, prefill=True)
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(2)
     migrate(src, dst, params={"max-bandwidth": 20_000_000}, wait=False)
     src.wait_status({"active"})
     time.sleep(0.5)
+    return src, dst
+
+
+def _migrate_again(vms, src, memory="256M"):
+    """After a failed or cancelled migration, a fresh destination gets the guest intact."""
+    dst2 = vms("dst2", memory=memory, incoming="defer")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 100_000_000_000})
+    assert migrate(src, dst2)["status"] == "completed"
+    assert_migrated(src, dst2, int(memory[:-1]) * MiB, 8)
+
+
+def test_cancel_active_keeps_guest_and_fails_destination(vms):
+    src, dst = _slow_migration_under_way(vms)
     src.cmd("migrate_cancel")
     info = src.wait_status({"cancelled", "failed", "completed"})
     assert info["status"] == "cancelled", info
@@ -53,28 +64,17 @@ def test_cancel_active_keeps_guest_and_fails_destination(vms):
     dst.proc.wait(timeout=20)  # exit-on-error (the default): the destination exits non-zero
     assert dst.proc.returncode != 0
     assert "migration" in dst.stderr()
-    dst2 = vms("dst2", memory="256M", incoming="defer")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 100_000_000_000})
-    assert migrate(src, dst2)["status"] == "completed"
-    assert_migrated(src, dst2, 256 * MiB, 8)
+    _migrate_again(vms, src)
 
 
 def test_destination_killed_mid_stream(vms):
-    src = vms("src", memory="256M", ws_mib=8, prefill=True)
-    dst = vms("dst", memory="256M", incoming="defer")
-    src.wait_passes(2)
-    migrate(src, dst, params={"max-bandwidth": 20_000_000}, wait=False)
-    src.wait_status({"active"})
-    time.sleep(0.5)
+    src, dst = _slow_migration_under_way(vms)
     os.killpg(dst.proc.pid, signal.SIGKILL)
     info = src.wait_status({"failed", "completed", "cancelled"}, timeout=30)
     assert info["status"] == "failed", info
     assert info.get("error-desc"), info
     _guest_keeps_running(src)
-    dst2 = vms("dst2", memory="256M", incoming="defer")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 100_000_000_000})
-    assert migrate(src, dst2)["status"] == "completed"
-    assert_migrated(src, dst2, 256 * MiB, 8)
+    _migrate_again(vms, src)
 
 
 def test_migrate_to_nowhere_fails_cleanly(vms):

@@ -144,12 +144,7 @@ def test_cancel_refused_during_postcopy(vms):
     src = vms("src", memory="256M", ws_mib=0)
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(1)
-    src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
-    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
-    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 10_000_000})
-    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-    addr = dst.cmd("query-migrate")["socket-address"][0]
-    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    migrate(src, dst, caps=PC, params={"max-postcopy-bandwidth": 10_000_000}, wait=False)
     src.cmd("migrate-start-postcopy")
     src.wait_status({"postcopy-active"}, timeout=30)
     with pytest.raises(ExecuteError, match="Postcopy migration in progress, cannot cancel"):
@@ -166,12 +161,7 @@ def test_destination_dies_before_switchover(vms):
     src = vms("src", memory="256M", ws_mib=8, prefill=True)
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(2)
-    src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
-    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 20_000_000})
-    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-    addr = dst.cmd("query-migrate")["socket-address"][0]
-    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    migrate(src, dst, caps=PC, params={"max-bandwidth": 20_000_000}, wait=False)
     src.wait_status({"active"})
     time.sleep(0.3)
     os.killpg(dst.proc.pid, signal.SIGKILL)
