@@ -17,14 +17,19 @@ from . import state as S
 from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
+from .multifd import MultifdReceiver
 from .postcopy import Placer, PostcopyDestination, check_host
-from .ramblock import TPS, RamBlock, populate
+from .ramblock import TPS, RamBlock, populate, run_bounds
 from .stats import RamStats
 from .transport import Channel, Listener, URI
 from .wire import decoder as D
+from .wire import multifd as WM
 from .wire import returnpath as RPW
 from .wire import stream as WS
 
+
+
+CHANNELS_TIMEOUT_S = 30.0  # the source opens all its channels at once; wait this long for the rest
 
 
 class Incoming:
@@ -56,6 +61,8 @@ class Incoming:
         self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
         self.populate = True
         self.prefaulter = None  # background allocation started by the VM process, if any
+        self.multifd: MultifdReceiver | None = None
+        self.multifd_error: str | None = None
 
     def start(self) -> None:
         self.state.set(S.NONE, S.SETUP)
@@ -88,7 +95,7 @@ class Incoming:
     # -- the loader thread
     def _run(self) -> None:
         try:
-            self.chan = self.listener.accept(keep_open=self.opts.cap("postcopy-preempt"))
+            self._accept()
             if self.prefaulter is not None:
                 self.prefaulter.stop()  # from here on the loader allocates what it receives
             self.state.set(S.SETUP, S.ACTIVE)
@@ -96,6 +103,66 @@ class Incoming:
             self._finish()
         except Exception as e:
             self._fail(e)
+
+    def _accept(self) -> None:
+        """The main channel, and with multifd every multifd channel (told apart by their first
+        bytes, in any order); the listener stays open if a postcopy-preempt channel may follow."""
+        keep = self.opts.cap("postcopy-preempt")
+        if not self.opts.cap("multifd"):
+            self.chan = self.listener.accept(keep_open=keep)
+            return
+        want = self.opts.param("multifd-channels")
+        if self.listener.sock is None:
+            raise MigrationError("multifd needs several connections: use a tcp: or unix: URI")
+        chans: dict[int, Channel] = {}
+        try:
+            while self.chan is None or len(chans) < want:
+                timeout = None if self.chan is None and not chans else CHANNELS_TIMEOUT_S
+                ch = self.listener.accept(keep_open=True, timeout=timeout)
+                magic = ch.peek(4, CHANNELS_TIMEOUT_S)
+                if magic == WS.MAGIC.to_bytes(4, "big") and self.chan is None:
+                    self.chan = ch
+                elif magic == WM.MAGIC.to_bytes(4, "big"):
+                    init = bytearray(WM.INIT_LEN)
+                    if not ch.recv_exact_into([init]):
+                        raise ProtocolError("multifd: channel closed before its init packet")
+                    cid = WM.parse_init(bytes(init), want)
+                    if cid in chans:
+                        raise ProtocolError(f"multifd: channel {cid} connected twice")
+                    chans[cid] = ch
+                else:
+                    ch.close()
+                    raise ProtocolError(f"unknown migration channel (starts with {magic.hex()})")
+        except TransportError as e:
+            for ch in chans.values():
+                ch.close()
+            raise MigrationError(f"multifd: {len(chans)} of {want} channels connected ({e}); "
+                                 "is the multifd capability on at the source?") from None
+        if not keep:
+            self.listener.close_socket()
+        self.multifd = MultifdReceiver(chans, self.block, self, self._multifd_failed)
+
+    # -- multifd receivers' view of guest memory (PageStore)
+    def prepare(self, idx: np.ndarray) -> None:
+        if self.pc is not None and self.pc.listening:
+            raise ProtocolError("multifd pages after POSTCOPY_LISTEN")
+        if self.populate:
+            fresh = np.zeros(self.block.npages + 1, dtype=np.bool_)
+            fresh[idx] = ~self.received[idx]
+            starts, ends = run_bounds(fresh)
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                self._populate(a, b - a)
+
+    def stored(self, idx: np.ndarray) -> None:
+        self.nonzero[idx] = True
+        self.received[idx] = True
+
+    def _multifd_failed(self, msg: str) -> None:
+        if self.state.status in S.FINISHED or self.multifd_error:
+            return
+        self.multifd_error = msg
+        if self.chan is not None:
+            self.chan.shutdown()  # the loader stops reading the main channel
 
     def _send_rp(self, data: bytes) -> None:
         if not self.rp_open or self.chan is None or self.chan.sock is None:
@@ -183,6 +250,13 @@ class Incoming:
             if not self.rp_open:
                 raise ProtocolError(f"PING {ev.value} without a return path")
             self._send_rp(RPW.pong(ev.value))
+            return False
+        if isinstance(ev, D.MultifdFlush):
+            if self.multifd is None:
+                raise ProtocolError("MULTIFD_FLUSH but multifd is off here: set the multifd capability on both sides")
+            if self.pc is not None and self.pc.listening:
+                raise ProtocolError("MULTIFD_FLUSH in postcopy")
+            self.multifd.sync()
             return False
         if isinstance(ev, D.Eof):
             return True
@@ -310,6 +384,8 @@ class Incoming:
     def _close(self) -> None:
         if self.chan is not None:
             self.chan.close()
+        if self.multifd is not None:
+            self.multifd.close()
         self._close_listener()
 
     def _close_listener(self) -> None:
@@ -323,6 +399,8 @@ class Incoming:
             msg = str(e)
         else:
             msg = f"internal error: {type(e).__name__}: {e}"
+        if self.multifd_error:  # a receiver failed first; the main channel's error is its echo
+            msg = self.multifd_error
         self.error = msg
         try:
             self._send_rp(RPW.shut(1))

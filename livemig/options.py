@@ -14,7 +14,7 @@ CAPABILITIES = (
 )
 # Capabilities livemig implements; the others are accepted only as "off".
 SUPPORTED_CAPABILITIES = {"events", "return-path", "postcopy-ram", "postcopy-blocktime", "postcopy-preempt",
-                          "late-block-activate"}
+                          "late-block-activate", "multifd"}
 
 # name -> (default, kind, minimum, maximum)
 PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {

@@ -15,6 +15,7 @@ import numpy as np
 from . import state as S
 from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
+from .multifd import MultifdSender
 from .options import MigrationOptions
 from .ramblock import TPS, RamBlock, run_bounds, unpack_bitmap
 from .stats import RamStats
@@ -144,9 +145,9 @@ class RamSender:
             self.scan = first + count if first + count < self.block.npages else 0
             return hits
 
-    def send(self, idx: np.ndarray) -> None:
-        """Send pages on the main channel."""
-        self.main.send(idx)
+    def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> None:
+        """Send pages on the main channel (data pages on the multifd channels, if given)."""
+        self.main.send(idx, multifd)
 
 
 class PageChannel:
@@ -172,40 +173,56 @@ class PageChannel:
             self.stats.duplicate += 1
         self.named = True
 
-    def send(self, idx: np.ndarray) -> None:
-        """Send the pages `idx` (ascending): zero pages as ZERO records, the rest as PAGE records."""
+    def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> None:
+        """Send the pages `idx` (ascending): zero pages as ZERO records, the rest as PAGE records
+        (or, with `multifd`, as multifd packets; ZERO records stay on this channel)."""
+        n = idx.size
+        first = int(idx[0])
+        contiguous = int(idx[-1]) - first + 1 == n
+        pages64 = self.block.u64[first:first + n] if contiguous else self.block.u64[idx]
+        nonzero = pages64.max(axis=1) != 0
+        if nonzero.all():
+            zero_idx, page_idx = idx[:0], idx
+        else:
+            zero_idx, page_idx = idx[~nonzero], idx[nonzero]
+            contiguous = False
+        if zero_idx.size:
+            self._zeros(zero_idx)
+        if not page_idx.size:
+            return
+        if multifd is not None:
+            multifd.send_pages(page_idx)
+            self.stats.normal += page_idx.size
+            return
         if not self.named:
-            first = int(idx[0])
-            page = self.block.u8[first]
-            if page.any():
-                self.w.write(WR.page_header(first * TPS, WR.FLAG_PAGE, self.block.name) + page.tobytes())
-                self.stats.normal += 1
-            else:
-                self.w.write(WR.page_header(first * TPS, WR.FLAG_ZERO, self.block.name) + b"\x00")
-                self.stats.duplicate += 1
+            self.w.write(WR.page_header(int(page_idx[0]) * TPS, WR.FLAG_PAGE, self.block.name)
+                         + self.block.u8[int(page_idx[0])].tobytes())
+            self.stats.normal += 1
             self.named = True
+            page_idx = page_idx[1:]
+            first += 1
+            if not page_idx.size:
+                return
+        m = page_idx.size
+        st = self.staging[:m]
+        st[:, :8] = WR.page_headers(page_idx.astype(np.uint64) * TPS).view(np.uint8).reshape(m, 8)
+        if contiguous:
+            st[:, 8:] = self.block.u8[first:first + m]
+        else:
+            np.take(self.block.u8, page_idx, axis=0, out=st[:, 8:], mode="clip")
+        self.w.write_big(memoryview(st).cast("B"))
+        self.stats.normal += m
+
+    def _zeros(self, idx: np.ndarray) -> None:
+        if not self.named:
+            self.w.write(WR.page_header(int(idx[0]) * TPS, WR.FLAG_ZERO, self.block.name) + b"\x00")
+            self.named = True
+            self.stats.duplicate += 1
             idx = idx[1:]
             if not idx.size:
                 return
-        n = idx.size
-        contiguous = int(idx[-1]) - int(idx[0]) + 1 == n
-        pages64 = self.block.u64[int(idx[0]):int(idx[0]) + n] if contiguous else self.block.u64[idx]
-        nonzero = pages64.max(axis=1) != 0
-        zero_idx = idx[~nonzero]
-        if zero_idx.size:
-            self.w.write(WR.zero_records(zero_idx.astype(np.uint64) * TPS))
-            self.stats.duplicate += zero_idx.size
-        page_idx = idx[nonzero]
-        m = page_idx.size
-        if m:
-            st = self.staging[:m]
-            st[:, :8] = WR.page_headers(page_idx.astype(np.uint64) * TPS).view(np.uint8).reshape(m, 8)
-            if m == n and contiguous:
-                st[:, 8:] = self.block.u8[int(idx[0]):int(idx[0]) + n]
-            else:
-                np.take(self.block.u8, page_idx, axis=0, out=st[:, 8:], mode="clip")
-            self.w.write_big(memoryview(st).cast("B"))
-            self.stats.normal += m
+        self.w.write(WR.zero_records(idx.astype(np.uint64) * TPS))
+        self.stats.duplicate += idx.size
 
 
 class Outgoing:
@@ -248,6 +265,7 @@ class Outgoing:
         self.preempt_chan: Channel | None = None
         self.preempt_lock = threading.Lock()
         self.package_loaded = threading.Event()  # PONG(0x42)
+        self.multifd: MultifdSender | None = None
 
     # -- control (called from QMP)
     def start(self) -> None:
@@ -347,6 +365,8 @@ class Outgoing:
         w.write(WR.setup_payload([WR.BlockInfo(block.name, block.size, huge)]))
         w.write(WS.section_footer(RAM_SECTION_ID))
         w.flush()
+        if self.opts.cap("multifd"):
+            self.multifd = MultifdSender(self.uri, self.opts.param("multifd-channels"), block, self._check)
         m.dirty_log_start()
         self.dirty_logging = True
         self._sync()  # dirty-sync-count 1, as QEMU's setup
@@ -354,9 +374,9 @@ class Outgoing:
         if not self.state.set(S.SETUP, S.ACTIVE):
             self._check()
         self._window_start = time.monotonic()
-        self._window_bytes0 = w.position
+        self._window_bytes0 = self._sent()
         self._rate_window_start = self._window_start
-        self._rate_bytes0 = w.position
+        self._rate_bytes0 = self._sent()
         while True:
             self._check()
             if self.postcopy_requested:
@@ -372,6 +392,14 @@ class Outgoing:
             self._iterate()
         self._complete()
 
+    def _sent(self) -> int:
+        """Bytes sent (or queued) on the main channel and the multifd channels."""
+        mf = self.multifd
+        if mf is None:
+            return self.writer.position
+        self.stats.multifd_bytes = mf.bytes
+        return self.writer.position + mf.bytes
+
     def _threshold(self) -> float:
         """Bytes that fit the downtime limit: measured bandwidth x downtime-limit. The bandwidth is the
         lower of the last 100 ms window and the average since the last sync, so that one fast window
@@ -379,12 +407,25 @@ class Outgoing:
         bw = self.bandwidth
         dt = time.monotonic() - self._pass_t0
         if dt >= RATE_WINDOW_S:
-            bw = min(bw, (self.writer.position - self._pass_bytes0) / dt)
+            bw = min(bw, (self._sent() - self._pass_bytes0) / dt)
         return bw * self.opts.param("downtime-limit") / 1000.0
 
+    def _multifd_sync(self) -> bytes:
+        """Drain the multifd channels up to a SYNC packet each; returns the main channel's marker."""
+        if self.multifd is None or not self.multifd.unsynced:
+            return b""
+        self.multifd.sync()
+        return WR.multifd_flush()
+
     def _sync(self, final: bool = False) -> None:
+        if self.multifd is not None and self.multifd.unsynced:
+            # a page sent before this merge may be sent again after it: the flush keeps the two
+            # copies in order across channels
+            self.writer.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID) + self._multifd_sync()
+                              + WR.eos() + WS.section_footer(RAM_SECTION_ID))
+            self.writer.flush()  # the destination's receivers wait for this marker
         now = time.monotonic()
-        self._pass_t0, self._pass_bytes0 = now, self.writer.position
+        self._pass_t0, self._pass_bytes0 = now, self._sent()
         words = self.machine.dirty_log_sync(clear=False) if final else self.machine.dirty_log_sync()
         newly = self.sender.merge(words)
         st = self.stats
@@ -412,8 +453,8 @@ class Outgoing:
             idx = sender.next_batch()
             if not idx.size:
                 break
-            sender.send(idx)
-            if w.position - self._rate_bytes0 >= limit:
+            sender.send(idx, self.multifd)
+            if self._sent() - self._rate_bytes0 >= limit:
                 throttled = True
                 break
             if time.monotonic() - t0 > ITERATE_MAX_S or self.cancel_requested:
@@ -427,19 +468,19 @@ class Outgoing:
     def _account(self) -> None:
         now = time.monotonic()
         st, w = self.stats, self.writer
-        st.transferred = w.position
+        st.transferred = self._sent()
         if not self.in_postcopy:
-            st.precopy_bytes = w.position
+            st.precopy_bytes = self._sent()
         dt = now - self._window_start
         if dt >= RATE_WINDOW_S:
-            sent = w.position - self._window_bytes0
+            sent = self._sent() - self._window_bytes0
             self.bandwidth = sent / dt
             st.mbps = sent * 8 / dt / 1e6
             st.pages_per_second = int((st.normal + st.duplicate - getattr(self, "_win_pages0", 0)) / dt)
             self._win_pages0 = st.normal + st.duplicate
-            self._window_start, self._window_bytes0 = now, w.position
+            self._window_start, self._window_bytes0 = now, self._sent()
         if now - self._rate_window_start >= RATE_WINDOW_S:
-            self._rate_window_start, self._rate_bytes0 = now, w.position
+            self._rate_window_start, self._rate_bytes0 = now, self._sent()
 
     def _wait_rate_window(self, urgent: threading.Event | None = None) -> None:
         end = self._rate_window_start + RATE_WINDOW_S
@@ -449,12 +490,13 @@ class Outgoing:
                     return  # queued page requests ignore the rate limit
             else:
                 time.sleep(min(left, 0.01))
-        self._rate_window_start, self._rate_bytes0 = time.monotonic(), self.writer.position
+        self._rate_window_start, self._rate_bytes0 = time.monotonic(), self._sent()
 
     # -- postcopy (PROTOCOL.md §5.3, §5.7)
     def _postcopy(self) -> None:
         m, w, sender = self.machine, self.writer, self.sender
-        w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        w.write(WS.section_header(WS.Section.PART, RAM_SECTION_ID) + self._multifd_sync() + WR.eos()
+                + WS.section_footer(RAM_SECTION_ID))
         w.flush()
         if self.opts.cap("postcopy-preempt"):
             self._open_preempt()  # before the guest stops, as QEMU: a failure here costs nothing
@@ -468,7 +510,7 @@ class Outgoing:
         """Stop the guest, discard, send the package; ends in postcopy-device (cancel refused)."""
         t_stop = self._stop_guest()
         marks = self.switchover_marks = {"pause": time.monotonic() - t_stop}
-        self.stats.precopy_bytes = w.position
+        self.stats.precopy_bytes = self._sent()
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
         self._sync(final=True)  # the guest is stopped: this is the last dirty information
         marks["sync"] = time.monotonic() - t_stop
@@ -503,8 +545,8 @@ class Outgoing:
         w.write(WS.eof())
         w.flush()
         extra = getattr(self, "preempt_bytes", 0)
-        self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes + extra
-        self.stats.transferred = w.position + extra
+        self.stats.postcopy_bytes = self._sent() - self.stats.precopy_bytes + extra
+        self.stats.transferred = self._sent() + extra
         self._await_shut("in postcopy")
         self.end_time = time.monotonic()
         if not self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED):
@@ -555,14 +597,14 @@ class Outgoing:
                     continue
                 if not sender.ndirty:
                     break
-                if limit and w.position - self._rate_bytes0 >= limit:
+                if limit and self._sent() - self._rate_bytes0 >= limit:
                     throttled = True
                     break
                 sender.send(sender.next_batch(max(POSTCOPY_BATCH_PAGES, sender.host_pages)))
             w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
             w.flush()
             self._account()
-            self.stats.postcopy_bytes = w.position - self.stats.precopy_bytes
+            self.stats.postcopy_bytes = self._sent() - self.stats.precopy_bytes
             if throttled:
                 self._wait_rate_window(urgent=self.wakeup)
 
@@ -675,7 +717,7 @@ class Outgoing:
         w = self.writer
         marks = self.switchover_marks = {}
         t_stop = self._stop_guest()
-        precopy_bytes = w.position
+        precopy_bytes = self._sent()
         marks["pause"] = time.monotonic() - t_stop
         w.write(WS.command(WS.Cmd.SWITCHOVER_START))
         self._sync(final=True)
@@ -683,8 +725,8 @@ class Outgoing:
         marks["pages"] = self.sender.ndirty
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID))
         while self.sender.ndirty:
-            self.sender.send(self.sender.next_batch())
-        w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
+            self.sender.send(self.sender.next_batch(), self.multifd)
+        w.write(self._multifd_sync() + WR.eos() + WS.section_footer(RAM_SECTION_ID))
         marks["ram"] = time.monotonic() - t_stop
         w.write(self._device_sections())
         w.write(WS.eof() + WS.vmdescription(self._vmdesc()))
@@ -692,8 +734,8 @@ class Outgoing:
         with self.switch_lock:
             self.handed_over = True  # the destination may start the guest any moment: no cancel now
         marks["devices"] = time.monotonic() - t_stop
-        self.stats.downtime_bytes = w.position - precopy_bytes
-        self.stats.transferred = w.position
+        self.stats.downtime_bytes = self._sent() - precopy_bytes
+        self.stats.transferred = self._sent()
         self.stats.remaining = 0
         if self.chan.bidirectional:
             self._await_shut("loading the migration stream")
@@ -744,6 +786,8 @@ class Outgoing:
         if self.preempt_chan is not None:
             self.preempt_chan.shutdown()  # wakes a return-path thread blocked sending on it
             self.preempt_chan.close()
+        if self.multifd is not None:
+            self.multifd.close()
         if self.rp_thread is not None:
             self.rp_thread.join(timeout=5)
 

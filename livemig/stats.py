@@ -22,6 +22,7 @@ class RamStats:
     postcopy_bytes: int = 0
     mbps: float = 0.0
     pages_per_second: int = 0
+    multifd_bytes: int = 0
     # bookkeeping
     _window_start: float = field(default_factory=time.monotonic)
     _window_bytes: int = 0
@@ -40,7 +41,7 @@ class RamStats:
             "dirty-sync-count": self.dirty_sync_count,
             "postcopy-requests": self.postcopy_requests,
             "page-size": TPS,
-            "multifd-bytes": 0,
+            "multifd-bytes": self.multifd_bytes,
             "pages-per-second": self.pages_per_second,
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,

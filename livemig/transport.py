@@ -100,6 +100,60 @@ class Channel:
         except OSError as e:
             raise TransportError(f"migration connection failed while receiving: {e.strerror or e}") from None
 
+    def sendmsg_all(self, bufs: list) -> int:
+        """Scatter-gather send of every buffer (sockets only); returns the bytes sent."""
+        assert self.sock is not None
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(v.nbytes for v in views)
+        try:
+            while views:
+                n = self.sock.sendmsg(views)
+                while views and n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                if n:
+                    views[0] = views[0][n:]
+        except OSError as e:
+            raise TransportError(f"migration connection failed while sending: {e.strerror or e}") from None
+        return total
+
+    def recv_exact_into(self, bufs: list) -> bool:
+        """Fill every buffer from the socket, in order. False on EOF before the first byte;
+        EOF later is an error (a record cut short)."""
+        assert self.sock is not None
+        views = [memoryview(b).cast("B") for b in bufs]
+        got = 0
+        try:
+            while views:
+                n = self.sock.recvmsg_into(views)[0]
+                if n == 0:
+                    if got == 0:
+                        return False
+                    raise TransportError("migration connection closed in the middle of a packet")
+                got += n
+                while views and n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                if n:
+                    views[0] = views[0][n:]
+        except OSError as e:
+            raise TransportError(f"migration connection failed while receiving: {e.strerror or e}") from None
+        return True
+
+    def peek(self, n: int, timeout: float) -> bytes:
+        """The first `n` bytes the peer sent, left in the socket (how channels are told apart)."""
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+        except socket.timeout:
+            raise TransportError(f"a migration connection sent nothing for {timeout:.0f} s") from None
+        except OSError as e:
+            raise TransportError(f"migration connection failed while receiving: {e.strerror or e}") from None
+        finally:
+            self.sock.settimeout(None)
+        return data
+
     def shutdown(self) -> None:
         """Unblock any thread stuck in send/recv on this channel."""
         if self.sock is not None:
@@ -189,7 +243,7 @@ class Listener:
                     os.unlink(uri.path)
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.sock.bind(uri.path)
-                self.sock.listen(1)
+                self.sock.listen(16)
             elif uri.scheme == "fd":
                 self.fd = uri.fd
                 os.fstat(uri.fd)
@@ -208,14 +262,18 @@ class Listener:
         elif self.sock is not None:
             self.address = {"type": "unix", "path": uri.path}
 
-    def accept(self, keep_open: bool = False) -> Channel:
-        """The next connection; the listening socket closes unless `keep_open` (a second
-        channel, postcopy-preempt, will follow)."""
+    def accept(self, keep_open: bool = False, timeout: float | None = None) -> Channel:
+        """The next connection; the listening socket closes unless `keep_open` (more channels
+        will follow: multifd, postcopy-preempt)."""
         if self.fd is not None:
             return _from_fd(self.fd) if self.uri.scheme == "fd" else Channel(fd=self.fd)
         assert self.sock is not None
         try:
+            self.sock.settimeout(timeout)
             conn, _ = self.sock.accept()
+            conn.settimeout(None)
+        except socket.timeout:
+            raise TransportError(f"no connection within {timeout:.0f} s") from None
         except OSError as e:
             raise TransportError(f"accepting the migration connection failed: {e.strerror or e}") from None
         finally:

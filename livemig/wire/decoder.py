@@ -56,6 +56,11 @@ class ZeroPages:
 
 
 @dataclass(frozen=True)
+class MultifdFlush:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH: every multifd channel must be drained up to its sync here."""
+
+
+@dataclass(frozen=True)
 class SectionEnd:
     """A RAM chunk ended (EOS + footer). `kind` is the section type that opened it."""
 
@@ -394,7 +399,9 @@ class StreamDecoder:
         if kind == R.FLAG_MEM_SIZE:
             return self._mem_size(cur, offset)
         if kind == R.FLAG_MULTIFD_FLUSH:
-            return None
+            if self.bare_ram:
+                raise ProtocolError("MULTIFD_FLUSH record on the postcopy-preempt channel")
+            return MultifdFlush()
         if kind in (R.FLAG_PAGE, R.FLAG_ZERO):
             if flags & R.FLAG_CONTINUE:
                 if self.last_block is None:

@@ -58,6 +58,10 @@ def eos() -> bytes:
     return _BE64.pack(FLAG_EOS)
 
 
+def multifd_flush() -> bytes:
+    return _BE64.pack(FLAG_MULTIFD_FLUSH)
+
+
 def page_header(offset: int, flags: int, block: str | None) -> bytes:
     """Header of one record; `block` None means CONTINUE (same block as the last record)."""
     if block is None:

@@ -146,10 +146,10 @@ def test_random_records_round_trip(records, chunk, seed):
 
 
 def test_accepted_flag_variants():
-    """QEMU strips CONTINUE before dispatching: EOS|CONTINUE ends the chunk, FLUSH|CONTINUE is a no-op."""
+    """QEMU strips CONTINUE before dispatching: EOS|CONTINUE ends the chunk, FLUSH|CONTINUE is a flush."""
     head = S.file_header() + S.section_header(S.Section.START, 7, "ram", 0, 4) + R.setup_payload(BLOCKS) + S.section_footer(7)
     stream = (head + S.section_header(S.Section.PART, 7) + struct.pack(">Q", R.FLAG_EOS | R.FLAG_CONTINUE)
               + S.section_footer(7) + S.eof())
     assert D.StreamDecoder(LOCAL, {}).feed(stream)[-2:] == [D.SectionEnd(7, S.Section.PART), D.Eof()]
     stream = _ram_stream(struct.pack(">Q", R.FLAG_MULTIFD_FLUSH | R.FLAG_CONTINUE))
-    assert D.StreamDecoder(LOCAL, {}).feed(stream)[-2:] == [D.SectionEnd(7, S.Section.PART), D.Eof()]
+    assert D.StreamDecoder(LOCAL, {}).feed(stream)[-3:] == [D.MultifdFlush(), D.SectionEnd(7, S.Section.PART), D.Eof()]

@@ -90,9 +90,10 @@ def build_stream():
     exp.append(("page", "vga.vram", 0, page(1)))
     out += R.eos() + S.section_footer(RAM_SID)
     exp.append(D.SectionEnd(RAM_SID, S.Section.PART))
-    # PART 2: a multifd flush (no event), pages back in pc.ram in descending order
+    # PART 2: a multifd flush, pages back in pc.ram in descending order
     out += S.section_header(S.Section.PART, RAM_SID)
     out += struct.pack(">Q", R.FLAG_MULTIFD_FLUSH)
+    exp.append(D.MultifdFlush())
     for i, o in enumerate((31, 30, 12)):
         name = "pc.ram" if i == 0 else None
         out += R.page_header(o * TPS, R.FLAG_PAGE, name) + page(o * TPS + 2)

@@ -1,0 +1,253 @@
+"""Multifd: parallel page channels beside the main channel, in precopy (PROTOCOL.md §2).
+
+Source: the migration thread splits each batch into zero pages (ZERO records on the main channel)
+and data pages, queued as packets of up to 128 pages to the sender threads (mig/src/send_N), which
+send header + pages straight from guest memory with one scatter-gather call. Destination: one
+receiver thread per channel (mig/dst/recv_N) reads a header, then the pages straight into guest
+memory. Sync: before every dirty-bitmap merge (a page may be sent again after it), at the switch
+to postcopy and at completion, each sender sends a SYNC packet and the main channel carries
+MULTIFD_FLUSH; the destination's loader waits there until every channel has delivered its SYNC,
+and each receiver waits after its SYNC until the loader has passed the FLUSH, so no page of one
+round overtakes a page of the next on another channel.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .errors import MigrationError, ProtocolError, TransportError
+from .ramblock import TPS, RamBlock, run_bounds
+from .transport import URI, Channel, connect
+from .wire import multifd as WM
+
+QUEUE_DEPTH = 2  # packets waiting per sender thread
+WAIT_SLICE_S = 0.1
+
+
+def _page_runs(mem: np.ndarray, idx: np.ndarray) -> list[np.ndarray]:
+    """Views of guest memory covering the ascending pages `idx`, one per contiguous run."""
+    if idx.size == 1:
+        return [mem[int(idx[0])]]
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [idx.size]))
+    first = idx[starts]
+    return [mem[f:f + n] for f, n in zip(first.tolist(), (ends - starts).tolist())]
+
+
+class _SendChannel:
+    def __init__(self, cid: int, chan: Channel, block: RamBlock):
+        self.cid = cid
+        self.chan = chan
+        self.block = block
+        self.jobs: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self.synced = threading.Semaphore(0)
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name=f"mig/src/send_{cid}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while (job := self.jobs.get()) is not None:
+                flags, num, idx = job
+                hdr = WM.packet_header(idx.astype(np.uint64) * TPS, num, self.block.name, flags)
+                bufs = [hdr] + (_page_runs(self.block.u8, idx) if idx.size else [])
+                self.chan.sendmsg_all(bufs)
+                if flags & WM.FLAG_SYNC:
+                    self.synced.release()
+        except Exception as e:
+            self.error = f"multifd channel {self.cid}: {e}"
+            self.synced.release()  # wake a sync waiting on us: it sees the error
+
+
+class MultifdSender:
+    """The source's multifd channels. `check` raises when the migration must stop (cancel, error)."""
+
+    def __init__(self, uri: URI, channels: int, block: RamBlock, check: Callable[[], None]):
+        if uri.scheme not in ("tcp", "unix"):
+            raise MigrationError("multifd opens several connections: use a tcp: or unix: URI")
+        self.block = block
+        self.check = check
+        self.chans: list[_SendChannel] = []
+        self.packet_num = 0
+        self.bytes = 0  # queued for sending (headers + pages)
+        self.unsynced = False  # pages were queued since the last sync
+        self._next = 0
+        try:
+            for cid in range(channels):
+                chan = connect(uri)
+                self.chans.append(_SendChannel(cid, chan, block))
+                chan.sendall(WM.init_packet(cid))
+                self.bytes += WM.INIT_LEN
+        except Exception:
+            self.close()
+            raise
+        for c in self.chans:
+            c.thread.start()
+
+    def _failed(self) -> None:
+        for c in self.chans:
+            if c.error:
+                raise MigrationError(c.error)
+        self.check()
+
+    def _put(self, job) -> None:
+        """Queue a packet on the next channel with room (round robin), waiting if all are busy."""
+        n = len(self.chans)
+        for k in range(n):
+            c = self.chans[(self._next + k) % n]
+            try:
+                c.jobs.put_nowait(job)
+                self._next = (c.cid + 1) % n
+                return
+            except queue.Full:
+                continue
+        c = self.chans[self._next]
+        while True:
+            self._failed()
+            try:
+                c.jobs.put(job, timeout=WAIT_SLICE_S)
+                self._next = (c.cid + 1) % n
+                return
+            except queue.Full:
+                continue
+
+    def send_pages(self, idx: np.ndarray) -> None:
+        """Queue data pages `idx` (ascending page numbers) in packets of up to 128 pages."""
+        self._failed()
+        for i in range(0, idx.size, WM.PACKET_PAGES):
+            part = idx[i:i + WM.PACKET_PAGES]
+            self._put((0, self.packet_num, part))
+            self.packet_num += 1
+            self.bytes += WM.HEADER_LEN + part.size * TPS
+        self.unsynced = True
+
+    def sync(self) -> None:
+        """Every channel sends a SYNC packet after its queued pages; returns once all are sent."""
+        empty = np.empty(0, dtype=np.intp)
+        for c in self.chans:
+            while True:
+                self._failed()
+                try:
+                    c.jobs.put((WM.FLAG_SYNC, self.packet_num, empty), timeout=WAIT_SLICE_S)
+                    break
+                except queue.Full:
+                    continue
+            self.packet_num += 1
+            self.bytes += WM.HEADER_LEN
+        for c in self.chans:
+            while not c.synced.acquire(timeout=WAIT_SLICE_S):
+                self._failed()
+            self._failed()
+        self.unsynced = False
+
+    def close(self) -> None:
+        """Stop the sender threads and close the connections (the destination reads EOF)."""
+        for c in self.chans:
+            c.chan.shutdown()  # unblocks a sender stuck on a full socket
+            try:
+                c.jobs.put_nowait(None)
+            except queue.Full:
+                pass
+        for c in self.chans:
+            if c.thread.is_alive():
+                c.thread.join(timeout=5)
+            c.chan.close()
+
+
+class PageStore(Protocol):
+    """What a receiver needs from the destination: check and prepare pages, record what arrived."""
+
+    def prepare(self, idx: np.ndarray) -> None: ...
+
+    def stored(self, idx: np.ndarray) -> None: ...
+
+
+class _RecvChannel:
+    def __init__(self, cid: int, chan: Channel, block: RamBlock, store: PageStore,
+                 on_error: Callable[[str], None]):
+        self.cid = cid
+        self.on_error = on_error
+        self.chan = chan
+        self.block = block
+        self.store = store
+        self.synced = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+        self.closed = False
+        self.error: str | None = None
+        self.bytes = 0
+        self.pages = 0
+        self.thread = threading.Thread(target=self._run, name=f"mig/dst/recv_{cid}", daemon=True)
+
+    def _run(self) -> None:
+        hdr = bytearray(WM.HEADER_LEN)
+        sizes = {self.block.name: self.block.size}
+        try:
+            while True:
+                if not self.chan.recv_exact_into([hdr]):
+                    return
+                pkt = WM.parse_header(hdr, sizes)
+                self.bytes += WM.HEADER_LEN + pkt.data_len
+                if pkt.offsets.size:
+                    idx = (pkt.offsets >> np.uint64(12)).astype(np.intp)
+                    if np.any(np.diff(idx) <= 0):
+                        raise ProtocolError("multifd: packet page offsets are not ascending")
+                    self.store.prepare(idx)
+                    if not self.chan.recv_exact_into(_page_runs(self.block.u8, idx)):
+                        raise ProtocolError("multifd: channel closed before the pages of a packet")
+                    self.store.stored(idx)
+                    self.pages += idx.size
+                if pkt.sync:
+                    self.synced.release()
+                    self.go.acquire()
+        except Exception as e:
+            self.error = f"multifd channel {self.cid}: {e}"
+            self.on_error(self.error)
+        finally:
+            self.closed = True
+            self.synced.release()  # wake the loader if it waits for us
+
+
+class MultifdReceiver:
+    """The destination's multifd channels, indexed by the id of their init packet."""
+
+    def __init__(self, chans: dict[int, Channel], block: RamBlock, store: PageStore,
+                 on_error: Callable[[str], None]):
+        """`on_error` is called from a failing receiver: it must stop the loader (which may be
+        reading the main channel, not waiting for us)."""
+        self.chans = [_RecvChannel(cid, ch, block, store, on_error) for cid, ch in sorted(chans.items())]
+        for c in self.chans:
+            c.thread.start()
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.chans)
+
+    @property
+    def pages(self) -> int:
+        return sum(c.pages for c in self.chans)
+
+    def sync(self, timeout: float = 120.0) -> None:
+        """MULTIFD_FLUSH on the main channel: wait for every channel's SYNC, then let them go on."""
+        deadline = time.monotonic() + timeout
+        for c in self.chans:
+            while not c.synced.acquire(timeout=WAIT_SLICE_S):
+                if time.monotonic() > deadline:
+                    raise ProtocolError(f"multifd: no sync on channel {c.cid} within {timeout:.0f} s")
+            if c.error:
+                raise ProtocolError(c.error)
+            if c.closed:
+                raise ProtocolError(f"multifd: channel {c.cid} closed before its sync")
+        for c in self.chans:
+            c.go.release()
+
+    def close(self) -> None:
+        for c in self.chans:
+            c.chan.shutdown()
+            c.go.release()
+        for c in self.chans:
+            c.thread.join(timeout=5)
+            c.chan.close()
