@@ -263,9 +263,15 @@ class Incoming:
         if isinstance(ev, D.VmDescription):
             self.vmdesc = ev.json
             return False
-        if isinstance(ev, (D.Header, D.RamSetup, D.SectionEnd, D.SwitchoverStart)):
+        if isinstance(ev, D.RamSetup):
+            if self.multifd is not None:
+                self.multifd.ready.set()  # after ADVISE (which discards guest RAM), before any page
+            return False
+        if isinstance(ev, (D.Header, D.SectionEnd, D.SwitchoverStart)):
             return False
         if isinstance(ev, D.PostcopyAdvise):
+            if self.multifd is not None and self.multifd.ready.is_set():
+                raise ProtocolError("POSTCOPY_ADVISE after the RAM setup (multifd pages may have arrived)")
             self._advise(ev)
             return False
         if isinstance(ev, D.Discard):

@@ -197,6 +197,11 @@ class VMProcess:
                 target = parse_uri(uri)
             except TransportError as e:
                 raise QMPError(str(e)) from None
+            for name in ("x-switchover-budget", "x-postcopy-after-passes"):
+                if self.opts.param(name) and not self.opts.cap("postcopy-ram"):
+                    raise QMPError(f"Parameter '{name}' switches to postcopy: it needs the postcopy-ram capability")
+            if self.opts.cap("multifd") and target.scheme not in ("tcp", "unix"):
+                raise QMPError("multifd opens several connections: use a tcp: or unix: URI")
             out = Outgoing(self.machine, self.opts, target, self.emit)
             out.on_finish = self._outgoing_finished
             self.outgoing = out

@@ -168,8 +168,9 @@ class PageStore(Protocol):
 
 class _RecvChannel:
     def __init__(self, cid: int, chan: Channel, block: RamBlock, store: PageStore,
-                 on_error: Callable[[str], None]):
+                 on_error: Callable[[str], None], ready: threading.Event):
         self.cid = cid
+        self.ready = ready
         self.on_error = on_error
         self.chan = chan
         self.block = block
@@ -192,6 +193,7 @@ class _RecvChannel:
                 pkt = WM.parse_header(hdr, sizes)
                 self.bytes += WM.HEADER_LEN + pkt.data_len
                 if pkt.offsets.size:
+                    self.ready.wait()  # not before the loader has set guest memory up (ADVISE, RAM setup)
                     idx = (pkt.offsets >> np.uint64(12)).astype(np.intp)
                     if np.any(np.diff(idx) <= 0):
                         raise ProtocolError("multifd: packet page offsets are not ascending")
@@ -218,7 +220,8 @@ class MultifdReceiver:
                  on_error: Callable[[str], None]):
         """`on_error` is called from a failing receiver: it must stop the loader (which may be
         reading the main channel, not waiting for us)."""
-        self.chans = [_RecvChannel(cid, ch, block, store, on_error) for cid, ch in sorted(chans.items())]
+        self.ready = threading.Event()  # set by the loader once guest memory may take pages
+        self.chans = [_RecvChannel(cid, ch, block, store, on_error, self.ready) for cid, ch in sorted(chans.items())]
         for c in self.chans:
             c.thread.start()
 
@@ -245,6 +248,7 @@ class MultifdReceiver:
             c.go.release()
 
     def close(self) -> None:
+        self.ready.set()
         for c in self.chans:
             c.chan.shutdown()
             c.go.release()

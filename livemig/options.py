@@ -44,6 +44,12 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     # destination then gets that page twice; livemig keeps the first copy, QEMU treats the second
     # as an error, so it is off by default.
     "x-preempt-resend": (False, "bool", None, None),
+    # livemig's switchover policy (needs postcopy-ram; 0 = off): at the end of each precopy pass,
+    # switch to postcopy when the last pass's dirty rate and bandwidth say precopy will not finish
+    # within this many ms since `migrate` ...
+    "x-switchover-budget": (0, "int", 0, 86400000),
+    # ... or once this many full precopy passes are done
+    "x-postcopy-after-passes": (0, "int", 0, 1000000),
 }
 _ENUMS = {"zero-page-detection": ("none", "legacy", "multifd"), "multifd-compression": ("none",)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import socket
 import threading
 import time
@@ -266,6 +267,8 @@ class Outgoing:
         self.preempt_lock = threading.Lock()
         self.package_loaded = threading.Event()  # PONG(0x42)
         self.multifd: MultifdSender | None = None
+        self.switch_reason: str | None = None  # why the switchover policy chose postcopy
+        self.last_pass = (0.0, 0, 0)  # seconds, bytes sent, pages dirtied: the last pass
 
     # -- control (called from QMP)
     def start(self) -> None:
@@ -315,6 +318,8 @@ class Outgoing:
             info["expected-downtime"] = int(self.expected_downtime)
         self.stats.remaining = 0 if st == S.COMPLETED else self._sender_remaining()
         info["ram"] = self.stats.as_qmp()
+        if self.switch_reason:
+            info["x-livemig-switchover-reason"] = self.switch_reason
         marks = getattr(self, "switchover_marks", None)
         if st == S.COMPLETED and marks:  # livemig's own: where the downtime went (ms since the stop)
             info["x-livemig-switchover"] = {k: (v if isinstance(v, int) else round(v * 1000, 2)) for k, v in marks.items()}
@@ -389,6 +394,10 @@ class Outgoing:
                 self._sync()
                 if self.sender.ndirty * TPS <= self._threshold():
                     break
+                if pending == 0 and (reason := self._policy()):
+                    self.switch_reason = reason  # a pass ended and precopy is not worth going on
+                    self.postcopy_requested = True
+                    continue
             self._iterate()
         self._complete()
 
@@ -417,6 +426,44 @@ class Outgoing:
         self.multifd.sync()
         return WR.multifd_flush()
 
+    def _precopy_eta(self) -> float:
+        """Seconds precopy still needs from the last pass's figures: each pass sends what the one
+        before let the guest dirty, so the passes shrink by dirty rate / bandwidth until what is
+        left fits the downtime limit (infinite if the guest dirties as fast as the link sends)."""
+        dt, sent, dirtied = self.last_pass
+        if dt <= 0 or sent <= 0:
+            return 0.0
+        bw, rate = sent / dt, dirtied * TPS / dt
+        left, fits = self.sender.ndirty * TPS, bw * self.opts.param("downtime-limit") / 1000
+        if left <= fits:
+            return left / bw
+        if rate >= bw:
+            return math.inf
+        r = rate / bw
+        passes = math.ceil(math.log(fits / left) / math.log(r)) if r > 0 else 1
+        return left / bw * (1 - r ** passes) / (1 - r)
+
+    def _policy(self) -> str | None:
+        """livemig's switchover policy (postcopy-ram on): why to switch to postcopy now, or None."""
+        if not self.opts.cap("postcopy-ram"):
+            return None
+        done = self.stats.dirty_sync_count - 1  # full passes
+        after = self.opts.param("x-postcopy-after-passes")
+        if after and done >= after:
+            return f"{done} precopy pass(es) done (x-postcopy-after-passes {after})"
+        budget = self.opts.param("x-switchover-budget") / 1000
+        if not budget:
+            return None
+        eta = self._precopy_eta()
+        used = time.monotonic() - self.start_time
+        if used + eta <= budget:
+            return None
+        dt, sent, dirtied = self.last_pass
+        how = (f"dirty rate {dirtied * TPS / dt / 1e6:.0f} MB/s vs bandwidth {sent / dt / 1e6:.0f} MB/s"
+               if dt > 0 else "no pass figures")
+        need = "never converge" if math.isinf(eta) else f"need {eta:.1f} s more"
+        return f"precopy would {need} ({how}); budget {budget:.1f} s, {used:.1f} s used"
+
     def _sync(self, final: bool = False) -> None:
         if self.multifd is not None and self.multifd.unsynced:
             # a page sent before this merge may be sent again after it: the flush keeps the two
@@ -425,9 +472,11 @@ class Outgoing:
                               + WR.eos() + WS.section_footer(RAM_SECTION_ID))
             self.writer.flush()  # the destination's receivers wait for this marker
         now = time.monotonic()
+        prev_t0, prev_bytes0 = getattr(self, "_pass_t0", now), getattr(self, "_pass_bytes0", 0)
         self._pass_t0, self._pass_bytes0 = now, self._sent()
         words = self.machine.dirty_log_sync(clear=False) if final else self.machine.dirty_log_sync()
         newly = self.sender.merge(words)
+        self.last_pass = (now - prev_t0, self._pass_bytes0 - prev_bytes0, newly)
         st = self.stats
         st.dirty_sync_count += 1
         if not hasattr(self, "_rate_period_start"):
