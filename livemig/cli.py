@@ -107,17 +107,29 @@ def _fmt_bytes(n: float) -> str:
 
 def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: int | None,
                   downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0,
-                  postcopy: bool = False, preempt: bool = False) -> dict:
-    """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides."""
+                  postcopy: bool = False, preempt: bool = False, multifd: int = 0,
+                  policy: dict | None = None, report: str | None = None) -> dict:
+    """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides.
+
+    `postcopy` without a `policy` switches after the first full pass, as QEMU's tests do; a
+    `policy` ({"x-switchover-budget": ms} and/or {"x-postcopy-after-passes": n}) lets the source
+    decide. `report` is a directory for the timeline JSON and plot."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
 
     from .qmpclient import QMPClient
+    from .report import sample, write_report
 
     console = Console(stderr=True, quiet=quiet)
     src, dst = QMPClient(src_addr), QMPClient(dst_addr)
     caps = [{"capability": "events", "state": True}]
+    if multifd:
+        caps.append({"capability": "multifd", "state": True})
+        for side in (src, dst):
+            side.cmd("migrate-set-parameters", **{"multifd-channels": multifd})
+    if policy:
+        postcopy = True
     if postcopy:
         caps.append({"capability": "postcopy-ram", "state": True})
         if preempt:
@@ -130,6 +142,7 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
         params["max-bandwidth"] = max_bandwidth
     if downtime_limit is not None:
         params["downtime-limit"] = downtime_limit
+    params.update(policy or {})
     if params:
         src.cmd("migrate-set-parameters", **params)
     uri = uri or f"tcp:127.0.0.1:{_free_port()}"
@@ -141,6 +154,7 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     src.cmd("migrate", uri=uri)
     info: dict = {}
     switched_at: float | None = None
+    samples: list[dict] = []
 
     def line(i: dict) -> Text:
         ram = i.get("ram", {})
@@ -153,8 +167,11 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
         with Live(Text("starting"), console=console, refresh_per_second=10, transient=False) as live:
             while True:
                 info = src.cmd("query-migrate")
+                samples.append(sample(time.monotonic() - t0, info))
                 live.update(line(info))
-                if postcopy and switched_at is None and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                if switched_at is None and info.get("status") in ("postcopy-device", "postcopy-active"):
+                    switched_at = time.monotonic()  # the policy switched
+                if postcopy and not policy and switched_at is None and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
                     src.cmd("migrate-start-postcopy")  # after the first full pass, as QEMU's tests do
                     switched_at = time.monotonic()
                 if info.get("status") in ("completed", "failed", "cancelled"):
@@ -176,8 +193,12 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     src.close()
     dst.close()
     done = time.monotonic()
-    return {"source": info, "destination": dinfo, "uri": uri,
-            "switch_to_complete_s": round(done - switched_at, 3) if switched_at else None}
+    samples.append(sample(done - t0, info))
+    result = {"source": info, "destination": dinfo, "uri": uri,
+              "switch_to_complete_s": round(done - switched_at, 3) if switched_at else None}
+    if report:
+        result["report"] = [str(p) for p in write_report(report, samples, result)]
+    return result
 
 
 def print_summary(result: dict, integrity: tuple[bool, str] | None = None) -> None:
@@ -209,15 +230,30 @@ def print_summary(result: dict, integrity: tuple[bool, str] | None = None) -> No
             t.add_row("remote faults", f"{pc.get('faults', 0)} faults, latency p50 {pc.get('p50-us', '-')} us, "
                                        f"p99 {pc.get('p99-us', '-')} us; vCPU blocktime "
                                        f"{d.get('postcopy-vcpu-blocktime', ['-'])[0]} ms")
+    if info.get("x-livemig-switchover-reason"):
+        t.add_row("switched to postcopy", info["x-livemig-switchover-reason"])
+    if result.get("report"):
+        t.add_row("report", ", ".join(result["report"]))
     if integrity is not None:
         t.add_row("memory integrity", ("OK: " if integrity[0] else "FAILED: ") + integrity[1])
     Console().print(t)
 
 
+def _policy(args: argparse.Namespace) -> dict | None:
+    policy = {}
+    if args.switchover_budget is not None:
+        policy["x-switchover-budget"] = args.switchover_budget
+    if args.postcopy_after_passes is not None:
+        policy["x-postcopy-after-passes"] = args.postcopy_after_passes
+    return policy or None
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .errors import MigrationError
     try:
-        result = run_migration(args.src, args.dst, args.uri, args.max_bandwidth, args.downtime_limit)
+        result = run_migration(args.src, args.dst, args.uri, args.max_bandwidth, args.downtime_limit,
+                               postcopy=args.postcopy, preempt=args.preempt, multifd=args.multifd,
+                               policy=_policy(args), report=args.report)
     except MigrationError as e:
         print(f"livemig: {e}", file=sys.stderr)
         return 1
@@ -230,10 +266,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _need_kvm()
     from .errors import MigrationError
     from .guest.image import make_image, passes_from_output
-    from .integrity import check, first_bytes
     from .qmpclient import QMPClient
 
-    if args.postcopy and args.ws_mib is None:
+    if (args.postcopy or _policy(args)) and args.ws_mib is None:
         args.ws_mib = 0  # postcopy demo: the guest dirties all of its RAM
     if args.ws_mib is None:
         args.ws_mib = 256
@@ -244,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(img)]
     src_cmd = base + ["--qmp", f"unix:{tmp}/src.qmp", "--serial", f"file:{tmp}/src.log"]
     dst_cmd = base + ["--qmp", f"unix:{tmp}/dst.qmp", "--serial", f"file:{tmp}/dst.log", "--incoming", "defer"]
-    print(f"livemig demo ({'postcopy' if args.postcopy else 'precopy'}): {_fmt_bytes(args.memory)} guest dirtying "
+    print(f"livemig demo ({'postcopy' if args.postcopy or _policy(args) else 'precopy'}): {_fmt_bytes(args.memory)} guest dirtying "
           f"{'all RAM' if not args.ws_mib else f'{args.ws_mib} MiB'} (work dir {tmp})")
     procs = [subprocess.Popen(c, stdout=open(tmp / f"{n}.out", "wb"), stderr=subprocess.STDOUT)
              for n, c in (("src", src_cmd), ("dst", dst_cmd))]
@@ -259,31 +294,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"source guest running: {passes_from_output((tmp / 'src.log').read_bytes())} pass(es) done; migrating")
         result = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None,
                                args.max_bandwidth, args.downtime_limit, postcopy=args.postcopy,
-                               preempt=args.preempt)
+                               preempt=args.preempt, multifd=args.multifd, policy=_policy(args),
+                               report=args.report)
         integrity = None
         if result["source"].get("status") == "completed":
-            dst = QMPClient(f"unix:{tmp}/dst.qmp")
-            dst_log = tmp / "dst.log"
-            before = dst_log.stat().st_size  # the destination goes on printing one character per pass
-            deadline = time.monotonic() + 60
-            while dst_log.stat().st_size <= before and time.monotonic() < deadline:
-                time.sleep(0.1)
-            running = dst_log.stat().st_size > before
-            dst.cmd("stop")
-            lo = 1 << 20
-            end = min(args.memory, 3 << 30) if not args.ws_mib else min(lo + (args.ws_mib << 20), min(args.memory, 3 << 30))
-            src.cmd("pmemsave", val=lo, size=end - lo, filename=str(tmp / "src.ram"))
-            dst.cmd("pmemsave", val=lo, size=end - lo, filename=str(tmp / "dst.ram"))
-            ok, why = check(first_bytes(str(tmp / "src.ram")), first_bytes(str(tmp / "dst.ram")))
-            st = src.cmd("query-status")["status"]
-            if not running:
-                ok, why = False, "the guest did not make progress on the destination"
-            elif st != "postmigrate":
-                ok, why = False, f"source is '{st}', expected 'postmigrate'"
-            integrity = (ok, why + f"; guest running on the destination, source {st}")
-            dst.cmd("cont")
-            dst.close()
-            rc = 0 if ok else 1
+            integrity = verify_migrated(tmp, args.memory, args.ws_mib)
+            rc = 0 if integrity[0] else 1
         print_summary(result, integrity)
     except MigrationError as e:
         print(f"livemig demo: {e}", file=sys.stderr)
@@ -292,6 +308,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         stop_vms(tmp, procs)
     return rc
+
+
+def verify_migrated(tmp: Path, memory: int, ws_mib: int) -> tuple[bool, str]:
+    """After a completed migration of the workload guest between the VMs whose QMP sockets and
+    serial logs are src.qmp/dst.qmp and src.log/dst.log in `tmp`: the guest makes progress on the
+    destination, the source is postmigrate, and the guest's memory invariant holds on the
+    destination page by page against the paused source."""
+    from .integrity import check, first_bytes
+    from .qmpclient import QMPClient
+
+    src, dst = QMPClient(f"unix:{tmp}/src.qmp"), QMPClient(f"unix:{tmp}/dst.qmp")
+    dst_log = tmp / "dst.log"
+    before = dst_log.stat().st_size  # the destination goes on printing one character per pass
+    deadline = time.monotonic() + 60
+    while dst_log.stat().st_size <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running = dst_log.stat().st_size > before
+    dst.cmd("stop")
+    lo = 1 << 20
+    top = min(memory, 3 << 30)
+    end = top if not ws_mib else min(lo + (ws_mib << 20), top)
+    src.cmd("pmemsave", val=lo, size=end - lo, filename=str(tmp / "src.ram"))
+    dst.cmd("pmemsave", val=lo, size=end - lo, filename=str(tmp / "dst.ram"))
+    ok, why = check(first_bytes(str(tmp / "src.ram")), first_bytes(str(tmp / "dst.ram")))
+    for f in ("src.ram", "dst.ram"):
+        (tmp / f).unlink()
+    st = src.cmd("query-status")["status"]
+    if not running:
+        ok, why = False, "the guest did not make progress on the destination"
+    elif st != "postmigrate":
+        ok, why = False, f"source is '{st}', expected 'postmigrate'"
+    dst.cmd("cont")
+    src.close()
+    dst.close()
+    return ok, why + f"; guest running on the destination, source {st}"
 
 
 def stop_vms(tmp: Path, procs: list) -> None:
@@ -335,21 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--uri", help="migration URI (default tcp:127.0.0.1:<free port>)")
     mg.add_argument("--max-bandwidth", type=parse_size_bytes, help="bytes/s (suffixes K/M/G allowed)")
     mg.add_argument("--downtime-limit", type=int, help="ms")
+    _migration_options(mg)
     mg.set_defaults(func=cmd_migrate)
 
     dm = sub.add_parser("demo", help="boot the workload guest and migrate it live to a second VM on this host")
     dm.add_argument("--memory", type=parse_size, default=parse_size("1G"))
     dm.add_argument("--ws-mib", type=int, default=None,
                     help="working set the guest dirties (0 = all RAM; default 256, all RAM with --postcopy)")
-    dm.add_argument("--postcopy", action="store_true", help="switch to postcopy after the first pass")
-    dm.add_argument("--preempt", action="store_true",
-                    help="with --postcopy: requested pages on a second connection (postcopy-preempt)")
     dm.add_argument("--prefill", action="store_true", default=True)
     dm.add_argument("--no-prefill", dest="prefill", action="store_false")
     dm.add_argument("--max-bandwidth", type=parse_size_bytes, default=100_000_000_000)
     dm.add_argument("--downtime-limit", type=int, default=None)
+    _migration_options(dm)
     dm.set_defaults(func=cmd_demo)
     return p
+
+
+def _migration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--postcopy", action="store_true",
+                   help="postcopy-ram; without a policy option, switch after the first full pass")
+    p.add_argument("--preempt", action="store_true", help="with postcopy: postcopy-preempt (a second connection)")
+    p.add_argument("--multifd", type=int, default=0, metavar="N", help="precopy over N multifd channels")
+    p.add_argument("--switchover-budget", type=int, metavar="MS",
+                   help="switch to postcopy when precopy would not finish within MS ms (implies --postcopy)")
+    p.add_argument("--postcopy-after-passes", type=int, metavar="N",
+                   help="switch to postcopy after N full precopy passes (implies --postcopy)")
+    p.add_argument("--report", metavar="DIR", help="write the sampled timeline (JSON) and a plot (PNG) into DIR")
 
 
 def parse_size_bytes(text: str) -> int:

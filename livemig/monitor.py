@@ -204,6 +204,7 @@ class VMProcess:
                 raise QMPError("multifd opens several connections: use a tcp: or unix: URI")
             out = Outgoing(self.machine, self.opts, target, self.emit)
             out.on_finish = self._outgoing_finished
+            out.on_runstate = self._set_runstate
             self.outgoing = out
             out.start()
 
@@ -229,12 +230,18 @@ class VMProcess:
             raise QMPError(f"Unsupported migration channel address {addr}")
         return uri
 
+    def _set_runstate(self, runstate: str) -> None:
+        self.runstate = runstate  # one assignment: atomic for the QMP thread
+
     def _outgoing_finished(self, out: Outgoing) -> None:
         with self.lock:
             if out.state.status == S.COMPLETED:
                 self.runstate = "postmigrate"
             elif self.machine.running:
                 self.runstate = "running"
+            elif self.runstate == "finish-migrate":
+                # failed after the guest stopped: a postcopy guest runs on the destination now
+                self.runstate = "postmigrate" if getattr(out, "guest_moved", False) else "paused"
 
     def q_migrate_incoming(self, args: dict) -> None:
         with self.lock:

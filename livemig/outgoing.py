@@ -257,6 +257,7 @@ class Outgoing:
         self.was_running = False
         self.paused_by_us = False
         self.on_finish: Callable[["Outgoing"], None] | None = None
+        self.on_runstate: Callable[[str], None] = lambda runstate: None  # the VM's run state changes
         self.postcopy_requested = False
         self.in_postcopy = False
         self.requests: collections.deque[tuple[int, int]] = collections.deque()
@@ -479,12 +480,8 @@ class Outgoing:
         self.last_pass = (now - prev_t0, self._pass_bytes0 - prev_bytes0, newly)
         st = self.stats
         st.dirty_sync_count += 1
-        if not hasattr(self, "_rate_period_start"):
-            self._rate_period_start, self._rate_period_pages = now, 0
-        self._rate_period_pages += newly if st.dirty_sync_count > 1 else 0
-        if now - self._rate_period_start >= 1.0:
-            st.dirty_pages_rate = int(self._rate_period_pages / (now - self._rate_period_start))
-            self._rate_period_start, self._rate_period_pages = now, 0
+        if st.dirty_sync_count > 1 and self.last_pass[0] > 0:
+            st.dirty_pages_rate = int(newly / self.last_pass[0])  # over the last pass (QEMU: the last >= 1 s)
         if self.bandwidth > 0:
             self.expected_downtime = self.sender.ndirty * TPS / self.bandwidth * 1000
         st.remaining = self.sender.ndirty * TPS
@@ -598,6 +595,7 @@ class Outgoing:
         self.stats.transferred = self._sent() + extra
         self._await_shut("in postcopy")
         self.end_time = time.monotonic()
+        self.on_runstate("postmigrate")
         if not self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED):
             raise MigrationError(f"postcopy ended in state {self.state.status}")
 
@@ -738,6 +736,7 @@ class Outgoing:
         if self.was_running:
             m.pause()
             self.paused_by_us = True
+            self.on_runstate("finish-migrate")
             self.emit("STOP", None)
         if not self.state.set(S.ACTIVE, S.DEVICE):
             self._check()
@@ -797,6 +796,7 @@ class Outgoing:
                 self.stats.mbps = self.stats.transferred * 8 / dt / 1e6
             # a cancel that lost the race with SHUT(0): the guest runs on the destination now
             self.cancel_requested = False
+            self.on_runstate("postmigrate")  # before `completed` shows: the guest is not ours now
             self.state.set({S.DEVICE, S.CANCELLING}, S.COMPLETED)
 
     # -- failure and cleanup
@@ -828,6 +828,7 @@ class Outgoing:
                 pass
         if self.state.status != S.COMPLETED and self.paused_by_us and not getattr(self, "guest_moved", False):
             self.machine.resume()  # a failed or cancelled precopy leaves the guest running
+            self.on_runstate("running")
             self.emit("RESUME", None)
         if self.chan is not None:
             self.chan.shutdown()

@@ -24,6 +24,28 @@ def test_migrate_command(vms):
     assert_migrated(src, dst, 128 * MiB, 8)
 
 
+def test_migrate_command_policy_multifd_and_report(vms, tmp_path):
+    """`--multifd 2 --switchover-budget` on a guest that cannot converge: precopy over multifd,
+    then postcopy chosen by the source (and why); `--report` writes the timeline and the plot."""
+    import json
+    src = vms("src", memory="256M", ws_mib=0)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(1)
+    rep = tmp_path / "report"
+    out = subprocess.run(_migrate_cmd(src, dst, "--multifd", "2", "--switchover-budget", "1000",
+                                      "--max-bandwidth", "300M", "--report", str(rep)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "switched to postcopy" in out.stdout and "budget" in out.stdout, out.stdout
+    doc = json.loads((rep / "timeline.json").read_text())
+    assert doc["source"]["status"] == "completed" and "budget" in doc["switchover-reason"]
+    assert doc["source"]["ram"]["multifd-bytes"] > 0
+    statuses = {s["status"] for s in doc["samples"]}
+    assert "active" in statuses and doc["switchover-s"] is not None, statuses
+    assert (rep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_migrated(src, dst, 256 * MiB, 0)
+
+
 def test_migrate_command_ctrl_c_cancels(vms):
     src = vms("src", memory="256M", ws_mib=8, prefill=True)
     dst = vms("dst", memory="256M", incoming="defer")

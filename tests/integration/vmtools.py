@@ -122,7 +122,8 @@ def assert_migrated(src: VM, dst: VM, memory: int, ws_mib: int) -> str:
     running on the destination only."""
     dinfo = dst.wait_status({"completed", "failed"}, timeout=30)
     assert dinfo["status"] == "completed", dinfo
-    assert src.cmd("query-status")["status"] == "postmigrate"
+    st = src.cmd("query-status")["status"]
+    assert st == "postmigrate", st
     before = len(dst.output())
     deadline = time.monotonic() + 60
     while len(dst.output()) <= before:  # the guest makes progress on the destination
