@@ -108,12 +108,13 @@ def _fmt_bytes(n: float) -> str:
 def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: int | None,
                   downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0,
                   postcopy: bool = False, preempt: bool = False, multifd: int = 0,
-                  policy: dict | None = None, report: str | None = None) -> dict:
+                  policy: dict | None = None, report: str | None = None, via: str | None = None) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides.
 
     `postcopy` without a `policy` switches after the first full pass, as QEMU's tests do; a
     `policy` ({"x-switchover-budget": ms} and/or {"x-postcopy-after-passes": n}) lets the source
-    decide. `report` is a directory for the timeline JSON and plot."""
+    decide. `report` is a directory for the timeline JSON and plot. `via` is the URI the source
+    connects to when it differs from the one the destination listens on (a relay between them)."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -151,7 +152,7 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
         addr = dst.cmd("query-migrate")["socket-address"][0]
         uri = f"tcp:{addr['host']}:{addr['port']}"
     t0 = time.monotonic()
-    src.cmd("migrate", uri=uri)
+    src.cmd("migrate", uri=via or uri)
     info: dict = {}
     switched_at: float | None = None
     samples: list[dict] = []

@@ -1,0 +1,148 @@
+"""livemig over emulated links: source and destination VMs in two network namespaces joined by a
+veth pair, bandwidth shaped with tbf on both ends, round-trip delay added by a relay
+(bench/delay_relay.py; this kernel has no netem). Everything is created and removed here; only
+the two namespaces see the traffic. Needs root and iproute2.
+
+    python3 bench/emulated_link.py [--links 10gbit:0.1,1gbit:0.5] [--mem 512M] [--reps 3]
+
+Per link: precopy of a prefilled guest (64 MiB working set) and postcopy of a guest dirtying all
+RAM (switched after the first pass), each with the integrity check; prints medians of total
+time, downtime, throughput and, for postcopy, remote-fault latency p50/p99 (fault -> placement,
+livemig's `x-livemig-postcopy`) against the link's RTT.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from livemig.cli import run_migration, stop_vms, verify_migrated
+from livemig.guest.image import make_image, passes_from_output
+from livemig.qmpclient import QMPClient
+
+HERE = Path(__file__).resolve().parent
+SRC_IP, DST_IP = "10.231.7.1", "10.231.7.2"
+MIG_PORT, RELAY_PORT = 4444, 4445
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def _rate_bytes(rate: str) -> int:
+    num, unit = rate.lower().rstrip("bit"), 1
+    for suffix, mult in (("g", 10**9), ("m", 10**6), ("k", 10**3)):
+        if num.endswith(suffix):
+            num, unit = num[:-1], mult
+    return int(float(num) * unit / 8)
+
+
+class Link:
+    """Two namespaces and a shaped veth pair between them."""
+
+    def __init__(self, rate: str):
+        tag = os.getpid() % 100000
+        self.src, self.dst = f"lm-src-{tag}", f"lm-dst-{tag}"
+        va, vb = f"lms{tag}", f"lmd{tag}"
+        burst = max(_rate_bytes(rate) // 250, 64 << 10)  # 4 ms of traffic: tbf needs >= rate/HZ
+        for ns in (self.src, self.dst):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", va, "netns", self.src, "type", "veth", "peer", "name", vb, "netns", self.dst)
+        for ns, dev, ip in ((self.src, va, SRC_IP), (self.dst, vb, DST_IP)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+               "burst", str(burst), "latency", "20ms")
+
+    def close(self) -> None:
+        for ns in (self.src, self.dst):
+            subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+def one(link: Link, delay_ms: float, mem: str, postcopy: bool) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="livemig-link-"))
+    ws = 0 if postcopy else 64
+    (tmp / "guest.img").write_bytes(make_image(ws, True))
+    base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(tmp / "guest.img")]
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns] + base
+                              + ["--qmp", f"unix:{tmp}/{n}.qmp", "--serial", f"file:{tmp}/{n}.log"] + extra,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for n, ns, extra in (("src", link.src, []), ("dst", link.dst, ["--incoming", "defer"]))]
+    relay = None
+    try:
+        via = None
+        if delay_ms:
+            relay = subprocess.Popen(["ip", "netns", "exec", link.src, sys.executable, str(HERE / "delay_relay.py"),
+                                      SRC_IP, str(RELAY_PORT), DST_IP, str(MIG_PORT), str(delay_ms)],
+                                     stdout=subprocess.PIPE, text=True)
+            relay.stdout.readline()
+            via = f"tcp:{SRC_IP}:{RELAY_PORT}"
+        QMPClient(f"unix:{tmp}/src.qmp").close()
+        while passes_from_output((tmp / "src.log").read_bytes() if (tmp / "src.log").exists() else b"") < 1:
+            time.sleep(0.05)
+        r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", f"tcp:{DST_IP}:{MIG_PORT}",
+                          100_000_000_000, None, quiet=True, timeout=300, postcopy=postcopy, via=via)
+        s, d = r["source"], r["destination"]
+        pc = d.get("x-livemig-postcopy", {})
+        busy = max(s.get("total-time", 0) - s.get("setup-time", 0), 1)
+        out = {"status": s["status"], "total_ms": s.get("total-time"), "downtime_ms": s.get("downtime"),
+               "MBps": s.get("ram", {}).get("transferred", 0) / 1e3 / busy,
+               "switch_to_complete_s": r["switch_to_complete_s"], "p50_us": pc.get("p50-us"),
+               "p99_us": pc.get("p99-us"), "faults": pc.get("faults")}
+        if s["status"] == "completed":
+            ok, why = verify_migrated(tmp, int(mem[:-1]) << {"M": 20, "G": 30}[mem[-1]], ws)
+            out["integrity"] = "ok" if ok else f"FAILED: {why}"
+        return out
+    finally:
+        if relay is not None:
+            relay.kill()
+            relay.wait()
+        stop_vms(tmp, procs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--links", default="10gbit:0.1,1gbit:0.5", help="RATE:RTT_MS,... (tbf rate, added round trip)")
+    ap.add_argument("--mem", default="512M")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("emulated links need root (network namespaces)", file=sys.stderr)
+        return 2
+    rows, bad = [], 0
+    for spec in args.links.split(","):
+        rate, rtt = spec.split(":")
+        link = Link(rate)
+        try:
+            for postcopy in (False, True):
+                runs = [one(link, float(rtt), args.mem, postcopy) for _ in range(args.reps)]
+                for r in runs:
+                    print(f"{rate} rtt+{rtt} ms {'postcopy' if postcopy else 'precopy'}: {r}", flush=True)
+                    bad += r.get("integrity") != "ok"
+                ok = [r for r in runs if r["status"] == "completed"]
+                med = (lambda k: statistics.median(r[k] for r in ok) if ok and ok[0].get(k) is not None else None)
+                rows.append((rate, rtt, "postcopy" if postcopy else "precopy", len(ok), len(runs), med("total_ms"),
+                             med("downtime_ms"), med("MBps"), med("switch_to_complete_s"), med("p50_us"), med("p99_us")))
+        finally:
+            link.close()
+    print(f"\n## livemig on emulated links ({args.mem} guest, {args.reps} runs each, medians)\n")
+    print("| link | added RTT | mode | completed | total ms | downtime ms | MB/s | switch->complete s | fault p50 us | fault p99 us | p50 / RTT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    f = (lambda v, fmt="{:.0f}": "-" if v is None else fmt.format(v))
+    for rate, rtt, mode, nd, nr, tot, down, mbps, sw, p50, p99 in rows:
+        ratio = f(p50 / (float(rtt) * 1000) if p50 else None, "{:.1f}x")
+        print(f"| {rate} | {rtt} ms | {mode} | {nd}/{nr} | {f(tot)} | {f(down)} | {f(mbps)} | {f(sw, '{:.2f}')} "
+              f"| {f(p50)} | {f(p99)} | {ratio} |")
+    if bad:
+        print(f"\n{bad} run(s) FAILED the integrity check or did not complete")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
