@@ -4,7 +4,9 @@
 
 Every accepted connection gets its own connection to the target; bytes read on one side are held
 until `DELAY_MS / 2` after they were read, then written to the other side (so the round trip
-gains DELAY_MS). Order and content are kept; EOF is passed on after the data before it.
+gains DELAY_MS). At most 1 MiB is held per direction, so a slow link behind the relay slows the
+sender down as the link itself would. Order and content are kept; EOF is passed on after the data
+before it.
 Used by bench/emulated_link.py inside a network namespace.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 
 CHUNK = 256 << 10
+MAX_HELD = 1 << 20  # in flight inside the relay (the kernel's socket buffers hold more)
 
 
 def _tight_timers() -> None:
@@ -31,18 +34,22 @@ def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
     queue: collections.deque = collections.deque()
     ready = threading.Condition()
     done = [False]
+    held = [0]  # bytes read but not yet written: bounded, so the sender feels the link's pace
 
     def reader() -> None:
         try:
             while data := src.recv(CHUNK):
                 with ready:
                     queue.append((time.monotonic() + delay, data))
-                    ready.notify()
+                    held[0] += len(data)
+                    ready.notify_all()
+                    while held[0] > MAX_HELD:
+                        ready.wait()
         except OSError:
             pass
         with ready:
             done[0] = True
-            ready.notify()
+            ready.notify_all()
 
     threading.Thread(target=reader, daemon=True).start()
     try:
@@ -57,6 +64,9 @@ def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
             if wait > 0:
                 time.sleep(wait)
             dst.sendall(data)
+            with ready:
+                held[0] -= len(data)
+                ready.notify_all()
     except OSError:
         pass
     try:
