@@ -19,7 +19,7 @@ from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .multifd import MultifdReceiver
 from .postcopy import Placer, PostcopyDestination, check_host
-from .ramblock import TPS, RamBlock, populate, run_bounds
+from .ramblock import TPS, RamBlock, pack_bitmap, populate, run_bounds
 from .stats import RamStats
 from .transport import Channel, Listener, URI
 from .wire import decoder as D
@@ -63,6 +63,9 @@ class Incoming:
         self.prefaulter = None  # background allocation started by the VM process, if any
         self.multifd: MultifdReceiver | None = None
         self.multifd_error: str | None = None
+        self.pause_reason: str | None = None  # postcopy-paused: why
+        self.recover_listener: Listener | None = None  # migrate-recover
+        self.recover_event = threading.Event()
 
     def start(self) -> None:
         self.state.set(S.NONE, S.SETUP)
@@ -79,12 +82,78 @@ class Incoming:
         addr = self.listener.address
         if addr is not None:
             info["socket-address"] = [addr]
+        if self.pause_reason and self.state.status in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+            info["x-livemig-pause-reason"] = self.pause_reason
         if self.pc is not None and self.state.status == S.COMPLETED:
             if self.opts.cap("postcopy-blocktime"):
                 info.update(self.pc.stats())
             info["x-livemig-postcopy"] = {"requests": self.pc.requests, "faults": self.pc.faults,
                                           **self.pc.latency_percentiles()}
         return info
+
+    # -- postcopy recovery (PROTOCOL.md §6.1)
+    def pause(self) -> None:
+        """migrate-pause: cut the main connection; the loader pauses (postcopy-paused)."""
+        if self.chan is not None:
+            self.chan.shutdown()
+
+    def recover(self, uri: URI) -> None:
+        """migrate-recover: listen on `uri` for the source's new connection."""
+        if self.recover_listener is not None:
+            raise MigrationError("Migrate recovery is triggered already")
+        if uri.scheme not in ("tcp", "unix"):
+            raise MigrationError("postcopy recovery needs a tcp: or unix: URI")
+        self.recover_listener = Listener(uri)  # bound now: errors reach the caller
+        self.recover_event.set()
+
+    def _can_pause(self) -> bool:
+        return self.running_guest and self.state.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER)
+
+    def _pause_and_recover(self, dec: D.StreamDecoder, reason: str) -> Channel:
+        """The connection broke after the guest started here: keep the guest (threads faulting on
+        missing pages wait), drop the connection, wait for migrate-recover and the source's new
+        connection. Returns it."""
+        self.pause_reason = reason
+        self.state.set({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER}, S.POSTCOPY_PAUSED)
+        print(f"livemig: postcopy paused ({reason}); waiting for migrate-recover", file=sys.stderr, flush=True)
+        with self.rp_lock:
+            self.rp_open = False
+        for c in (self.chan, getattr(self, "preempt_chan", None)):
+            if c is not None:
+                c.shutdown()
+        t = getattr(self, "preempt_thread", None)
+        if t is not None:
+            t.join(timeout=10)
+        for c in (self.chan, getattr(self, "preempt_chan", None)):
+            if c is not None:
+                c.close()
+        self.preempt_chan = self.preempt_error = None
+        assert self.pc is not None
+        self.pc.main_placer.drop_partial()
+        self.pc.last_block_sent = None
+        dec.reconnect()
+        while True:
+            self.recover_event.wait()
+            self.recover_event.clear()
+            listener = self.recover_listener
+            assert listener is not None
+            try:
+                chan = listener.accept(keep_open=self.opts.cap("postcopy-preempt"))
+            except TransportError as e:
+                self.recover_listener = None
+                print(f"livemig: postcopy recovery: {e}", file=sys.stderr, flush=True)
+                continue
+            break
+        self._close_listener()
+        self.listener, self.recover_listener = listener, None
+        self.chan = chan
+        self.state.set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)
+        with self.rp_lock:
+            self.rp_open = True
+        if self.opts.cap("postcopy-preempt"):
+            self.preempt_thread = threading.Thread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
+            self.preempt_thread.start()
+        return chan
 
     def cancel(self) -> None:
         """Stop waiting or loading (used when the process quits)."""
@@ -180,7 +249,15 @@ class Incoming:
         assert chan is not None
         eof = False
         while not dec.done:
-            n = chan.recv_into(dec.space())
+            try:
+                n = chan.recv_into(dec.space())
+                if n == 0 and self._can_pause():
+                    raise TransportError("the source closed the migration connection")
+            except TransportError as e:
+                if not self._can_pause():
+                    raise
+                chan = self._pause_and_recover(dec, str(e))
+                continue
             if n == 0:
                 dec.finish()
                 break
@@ -250,6 +327,21 @@ class Incoming:
             if not self.rp_open:
                 raise ProtocolError(f"PING {ev.value} without a return path")
             self._send_rp(RPW.pong(ev.value))
+            return False
+        if isinstance(ev, D.RecvBitmapRequest):
+            if self.state.status != S.POSTCOPY_RECOVER:
+                raise ProtocolError("RECV_BITMAP outside postcopy recovery")
+            if ev.block != self.block.name:
+                raise ProtocolError(f"RECV_BITMAP for unknown RAM block '{ev.block}'")
+            self._send_rp(RPW.recv_bitmap(self.block.name, pack_bitmap(self.received)))
+            return False
+        if isinstance(ev, D.PostcopyResume):
+            if self.state.status != S.POSTCOPY_RECOVER or self.pc is None:
+                raise ProtocolError("POSTCOPY_RESUME outside postcopy recovery")
+            self.state.set(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
+            self.pause_reason = None
+            self._send_rp(RPW.resume_ack())
+            self.pc.resend_requests()
             return False
         if isinstance(ev, D.MultifdFlush):
             if self.multifd is None:
@@ -357,7 +449,7 @@ class Incoming:
                         placer.place_zero_pages(idx)
                         self.stats.duplicate += idx.size
         except Exception as e:
-            if self.state.status in S.FINISHED:
+            if self.state.status in S.FINISHED or self.state.status == S.POSTCOPY_PAUSED:
                 return  # the listener closed at the end of a migration that did not use preempt
             self.preempt_error = f"postcopy-preempt channel: {e}"
             print(f"livemig: {self.preempt_error}", file=sys.stderr, flush=True)
@@ -414,7 +506,8 @@ class Incoming:
             pass
         self._close()
         self._close_listener()
-        self.state.set({S.SETUP, S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE}, S.FAILED)
+        self.state.set({S.SETUP, S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED,
+                        S.POSTCOPY_RECOVER}, S.FAILED)
         if self.running_guest:
             # pages that never arrived must not read as zeros: keep userfaultfd registered (faulting
             # threads wait) and stop the vCPU; the process stays up with the guest's state

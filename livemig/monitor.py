@@ -93,6 +93,8 @@ class VMProcess:
         r("migrate-incoming", self.q_migrate_incoming, {"uri": ("str", False), "channels": ("list", False),
                                                         "exit-on-error": ("bool", False)})
         r("migrate_cancel", self.q_migrate_cancel)
+        r("migrate-pause", self.q_migrate_pause, allow_oob=True)
+        r("migrate-recover", self.q_migrate_recover, {"uri": ("str", True)}, allow_oob=True)
         r("migrate-start-postcopy", self.q_start_postcopy)
         r("query-migrate", self.q_query_migrate)
 
@@ -185,7 +187,14 @@ class VMProcess:
     def q_migrate(self, args: dict) -> None:
         with self.lock:
             if args.get("resume"):
-                raise QMPError("Cannot resume if there is no paused migration")
+                out = self.outgoing
+                if out is None or out.state.status != S.POSTCOPY_PAUSED:
+                    raise QMPError("Cannot resume if there is no paused migration")
+                try:
+                    out.resume(parse_uri(self._uri_arg(args)))
+                except (TransportError, MigrationError) as e:
+                    raise QMPError(str(e)) from None
+                return
             if self.runstate == "inmigrate" or self.incoming:
                 raise QMPError("Guest is waiting for an incoming migration")
             if self._migration_running():
@@ -279,6 +288,23 @@ class VMProcess:
                 raise QMPError(str(e)) from None
         elif self.incoming and self.incoming.state.status in (S.SETUP, S.ACTIVE):
             self.incoming.cancel()
+
+    def q_migrate_pause(self, args: dict) -> None:
+        """Postcopy recovery: cut the migration's connections; both sides pause (postcopy-paused)."""
+        for mig in (self.outgoing, self.incoming):
+            if mig is not None and mig.state.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
+                mig.pause()
+                return
+        raise QMPError("migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+
+    def q_migrate_recover(self, args: dict) -> None:
+        inc = self.incoming
+        if inc is None or inc.state.status != S.POSTCOPY_PAUSED:
+            raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        try:
+            inc.recover(parse_uri(args["uri"]))
+        except (TransportError, MigrationError) as e:
+            raise QMPError(str(e)) from None
 
     def q_start_postcopy(self, args: dict) -> None:
         if not self.opts.cap("postcopy-ram"):

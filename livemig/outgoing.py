@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import sys
 import socket
 import threading
 import time
@@ -16,6 +17,10 @@ import numpy as np
 from . import state as S
 from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
+
+
+class LinkLost(MigrationError):
+    """A connection of the migration broke (or migrate-pause cut it): postcopy can recover."""
 from .multifd import MultifdSender
 from .options import MigrationOptions
 from .ramblock import TPS, RamBlock, run_bounds, unpack_bitmap
@@ -245,6 +250,7 @@ class Outgoing:
         self.handed_over = False
         self.rp_thread: threading.Thread | None = None
         self.rp_error: str | None = None
+        self.rp_io = False  # rp_error is a broken connection, not bad input
         self.shut = threading.Event()
         self.shut_value: int | None = None
         self.pongs: list[int] = []
@@ -268,6 +274,13 @@ class Outgoing:
         self.preempt_lock = threading.Lock()
         self.package_loaded = threading.Event()  # PONG(0x42)
         self.multifd: MultifdSender | None = None
+        self.pause_requested = False  # migrate-pause
+        self.pause_reason: str | None = None
+        self.resume_uri: URI | None = None
+        self.resume_event = threading.Event()  # migrate resume=true
+        self.bitmap: bytes | None = None  # RECV_BITMAP reply (recovery)
+        self.bitmap_event = threading.Event()
+        self.resume_acked = threading.Event()
         self.switch_reason: str | None = None  # why the switchover policy chose postcopy
         self.last_pass = (0.0, 0, 0)  # seconds, bytes sent, pages dirtied: the last pass
 
@@ -321,6 +334,8 @@ class Outgoing:
         info["ram"] = self.stats.as_qmp()
         if self.switch_reason:
             info["x-livemig-switchover-reason"] = self.switch_reason
+        if self.pause_reason and st in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER):
+            info["x-livemig-pause-reason"] = self.pause_reason
         marks = getattr(self, "switchover_marks", None)
         if st == S.COMPLETED and marks:  # livemig's own: where the downtime went (ms since the stop)
             info["x-livemig-switchover"] = {k: (v if isinstance(v, int) else round(v * 1000, 2)) for k, v in marks.items()}
@@ -344,8 +359,10 @@ class Outgoing:
     def _check(self) -> None:
         if self.cancel_requested:
             raise MigrationError("migration cancelled")
+        if self.pause_requested:
+            raise LinkLost("paused by migrate-pause")
         if self.rp_error:
-            raise MigrationError(self.rp_error)
+            raise (LinkLost if self.rp_io else MigrationError)(self.rp_error)
 
     def _migrate(self) -> None:
         m = self.machine
@@ -549,8 +566,115 @@ class Outgoing:
         self.wakeup.clear()
         with self.switch_lock:
             self._switch_to_postcopy(w, sender, m)
-        self._postcopy_loop()
-        self._finish_postcopy(w)
+        while True:
+            try:
+                self._postcopy_loop()
+                self._finish_postcopy(self.writer)
+                return
+            except (LinkLost, TransportError, OSError) as e:
+                if self.state.status not in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER) or isinstance(e, ProtocolError):
+                    raise
+                self._pause(str(e))
+                self._recover()
+
+    # -- postcopy recovery (PROTOCOL.md §6.1)
+    def pause(self) -> None:
+        """migrate-pause: cut the connections; the migration thread pauses (postcopy-paused)."""
+        self.pause_requested = True
+        for c in (self.chan, self.preempt_chan):
+            if c is not None:
+                c.shutdown()
+        self.wakeup.set()
+
+    def resume(self, uri: URI) -> None:
+        """migrate resume=true: reconnect to `uri` (the destination's migrate-recover address)."""
+        if uri.scheme not in ("tcp", "unix"):
+            raise MigrationError("postcopy recovery needs a tcp: or unix: URI")
+        if not self.state.set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP):
+            raise MigrationError("Cannot resume if there is no paused migration")
+        self.resume_uri = uri
+        self.resume_event.set()
+
+    def _pause(self, reason: str) -> None:
+        """Drop the broken connections and wait in postcopy-paused (the guest runs on the destination)."""
+        self.pause_reason = reason
+        self.state.set({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER}, S.POSTCOPY_PAUSED)
+        print(f"livemig: postcopy paused ({reason}); waiting for migrate resume=true", file=sys.stderr, flush=True)
+        for c in (self.chan, self.preempt_chan):
+            if c is not None:
+                c.shutdown()
+        if self.rp_thread is not None:
+            self.rp_thread.join(timeout=10)
+        with self.preempt_lock:
+            self.preempt = None
+        for c in (self.chan, self.preempt_chan):
+            if c is not None:
+                c.close()
+        self.chan = self.preempt_chan = None
+        self.requests.clear()  # the destination asks again for what it still misses
+        self.rp_error, self.rp_io, self.pause_requested = None, False, False
+        self.bitmap = None
+        self.bitmap_event.clear()
+        self.resume_acked.clear()
+
+    def _recover(self) -> None:
+        """Wait for migrate resume=true, reconnect, reload the dirty bitmap from what the
+        destination received, resume; any failure here goes back to postcopy-paused."""
+        while True:
+            self.resume_event.wait()
+            self.resume_event.clear()
+            try:
+                chan = connect(self.resume_uri)
+            except TransportError as e:
+                self.pause_reason = str(e)
+                self.state.set(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_PAUSED)
+                continue
+            self.chan = chan
+            sent = self.writer.position
+            self.writer = Writer(chan)
+            self.writer.sent = sent  # byte counters go on across connections
+            self.sender.w = self.sender.main.w = self.writer
+            self.sender.named = False  # a new connection: a new CONTINUE context
+            self._rp_last_block = None
+            self.state.set(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER)
+            self.rp_thread = threading.Thread(target=self._rp_loop, name="mig/src/return", daemon=True)
+            self.rp_thread.start()
+            try:
+                self._resume_handshake()
+                return
+            except (LinkLost, TransportError, OSError) as e:
+                if isinstance(e, ProtocolError):
+                    raise
+                self._pause(str(e))
+
+    def _wait(self, event: threading.Event, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not event.wait(0.05):
+            self._check()
+            if time.monotonic() > deadline:
+                raise LinkLost(f"recovery: no {what} from the destination within {timeout:.0f} s")
+
+    def _resume_handshake(self) -> None:
+        w, sender = self.writer, self.sender
+        block = sender.block
+        w.write(WS.recv_bitmap(block.name))
+        w.flush()
+        self._wait(self.bitmap_event, "RECV_BITMAP")
+        received = unpack_bitmap(np.frombuffer(self.bitmap, dtype=np.uint64), block.npages)
+        with sender.lock:
+            np.logical_not(received, out=sender.dirty)
+            sender.ndirty = int(np.count_nonzero(sender.dirty))
+            sender.canonicalize()
+        if self.opts.cap("postcopy-preempt"):
+            chan = connect(self.resume_uri)  # after the main channel, so the destination tells them apart
+            self.preempt_chan = chan
+            with self.preempt_lock:
+                self.preempt = PageChannel(block, Writer(chan), self.stats)
+        w.write(WS.command(WS.Cmd.POSTCOPY_RESUME))
+        w.flush()
+        self._wait(self.resume_acked, "RESUME_ACK")
+        self.pause_reason = None
+        self.state.set(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
 
     def _switch_to_postcopy(self, w: Writer, sender: RamSender, m: Any) -> None:
         """Stop the guest, discard, send the package; ends in postcopy-device (cancel refused)."""
@@ -815,10 +939,10 @@ class Outgoing:
                 self.state.set(S.CANCELLING, S.CANCELLED)
             return
         self.error = msg
-        if self.state.status == S.POSTCOPY_ACTIVE:
+        if self.state.status in S.IN_POSTCOPY - {S.POSTCOPY_DEVICE}:
             self.error = f"{msg} (postcopy: the guest runs on the destination; the source keeps its paused copy)"
             self.guest_moved = True
-        self.state.set(S.RUNNING - S.IN_POSTCOPY - {S.CANCELLING} | {S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE}, S.FAILED)
+        self.state.set(S.RUNNING - {S.CANCELLING}, S.FAILED)
 
     def _cleanup(self) -> None:
         if getattr(self, "dirty_logging", False):
@@ -864,12 +988,13 @@ class Outgoing:
     def _rp_loop(self) -> None:
         chan = self.chan
         assert chan is not None and chan.sock is not None
-        dec = RPW.RPDecoder()
+        dec = RPW.RPDecoder({self.sender.block.name: -(-self.sender.block.npages // 64) * 8})
         try:
             while True:
                 data = chan.sock.recv(4096)
                 if not data:
                     if self.shut_value is None and self.state.status not in S.FINISHED:
+                        self.rp_io = True
                         self.rp_error = "destination closed the return path before completion"
                     break
                 dec.feed(data)
@@ -884,13 +1009,19 @@ class Outgoing:
                         return
                     elif isinstance(msg, RPW.ReqPages):
                         self._queue_request(msg)
+                    elif isinstance(msg, RPW.RecvBitmap) and self.state.status == S.POSTCOPY_RECOVER:
+                        self.bitmap = msg.bitmap
+                        self.bitmap_event.set()
+                    elif isinstance(msg, RPW.ResumeAck) and self.state.status == S.POSTCOPY_RECOVER:
+                        self.resume_acked.set()
                     else:
                         raise ProtocolError(f"return path: unexpected {type(msg).__name__} message")
         except ProtocolError as e:
             self.rp_error = str(e)
-        except OSError as e:
+        except (OSError, TransportError) as e:  # TransportError: sending an urgent page on preempt
             if self.state.status not in S.FINISHED and not self.cancel_requested:
-                self.rp_error = f"return path failed: {e.strerror or e}"
+                self.rp_io = True
+                self.rp_error = f"return path failed: {getattr(e, 'strerror', None) or e}"
         except Exception as e:  # never let the return path die silently
             self.rp_error = f"return path: {type(e).__name__}: {e}"
         if self.rp_error and not self.shut.is_set():

@@ -168,7 +168,18 @@ class PostcopyDestination:
                 try:
                     self.send_rp(b"".join(msgs))
                 except OSError:
-                    return  # the return path is gone; the loader reports the failure
+                    pass  # the return path broke: the pages stay requested, asked again on recovery
+
+    def resend_requests(self) -> int:
+        """Recovery: ask again for every faulted page that has not arrived (the first request
+        names the block: a new connection). Returns how many."""
+        with self.lock:
+            pages = np.flatnonzero(self.requested & ~self.received).tolist()
+            msgs = [RPW.req_pages(p * TPS, self.hp * TPS, None if i else self.block.name) for i, p in enumerate(pages)]
+            self.last_block_sent = self.block.name if msgs else None
+        if msgs:
+            self.send_rp(b"".join(msgs))
+        return len(msgs)
 
     def _block(self, vcpu: int, now: float, nvcpus: int) -> None:
         self._blocked[vcpu] = self._blocked.get(vcpu, 0) + 1
@@ -229,6 +240,10 @@ class Placer:
         self.copy_buf = bytearray(40)
         self.zero_buf = bytearray(32)
 
+    def drop_partial(self) -> None:
+        """Recovery: a host page half assembled when the connection broke is thrown away (it was
+        never marked received, so the source sends it again)."""
+        self.assembling = None
     def place_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
         """Place whole pages atomically; runs of consecutive pages go in one UFFDIO_COPY."""
         if self.hp > 1:

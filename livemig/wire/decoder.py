@@ -242,6 +242,16 @@ class StreamDecoder:
             return
         raise ProtocolError(f"migration stream truncated ({self.pending} unparsed bytes at the end)")
 
+    def reconnect(self) -> None:
+        """Postcopy recovery: the old connection is gone with whatever part of a record it held;
+        the new one starts with a command (no header), in a fresh CONTINUE context."""
+        if self.package_end is not None:
+            raise ProtocolError("connection lost inside the postcopy package: cannot recover")
+        self.start = self.end = 0
+        self.last_block = None
+        if self.phase not in (_AFTER_EOF, _DONE, _VMDESC):
+            self.phase = _RAM if self.bare_ram else _MAIN
+
     # -- decoding
     def next_event(self):
         """The next complete event, or None when more input is needed (or the stream is done)."""

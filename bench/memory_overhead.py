@@ -1,0 +1,96 @@
+"""Extra memory of livemig's processes beyond guest RAM, before and during a migration.
+
+    python3 bench/memory_overhead.py [--mem 4G] [--ws 64] [--postcopy] [--multifd N]
+
+Starts a source (prefilled guest) and a waiting destination, samples /proc/PID/smaps of both
+every 50 ms while it migrates, and prints per side: resident memory outside the guest RAM
+mapping (the mapping whose size is the guest's memory size) at idle and at its peak during the
+migration, and the peak VmHWM-style total. Ends with the integrity check.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from livemig.cli import parse_size, run_migration, stop_vms, verify_migrated
+from livemig.guest.image import make_image, passes_from_output
+from livemig.qmpclient import QMPClient
+
+
+def extra_kib(pid: int, guest_kib: int) -> tuple[int, int]:
+    """(resident KiB outside the guest RAM mapping, resident KiB in total) of process `pid`."""
+    total = guest = 0
+    size = rss = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1])
+                total += rss
+                if size == guest_kib:
+                    guest += rss
+    return total - guest, total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mem", default="4G")
+    ap.add_argument("--ws", type=int, default=64)
+    ap.add_argument("--postcopy", action="store_true")
+    ap.add_argument("--multifd", type=int, default=0)
+    args = ap.parse_args()
+    mem = parse_size(args.mem)
+    ws = 0 if args.postcopy else args.ws
+    tmp = Path(tempfile.mkdtemp(prefix="livemig-mem-"))
+    (tmp / "guest.img").write_bytes(make_image(ws, True))
+    base = [sys.executable, "-m", "livemig", "vm", "--memory", args.mem, "--boot-sector", str(tmp / "guest.img")]
+    procs = [subprocess.Popen(base + ["--qmp", f"unix:{tmp}/{n}.qmp", "--serial", f"file:{tmp}/{n}.log"] + extra,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for n, extra in (("src", []), ("dst", ["--incoming", "defer"]))]
+    peak = {"src": [0, 0], "dst": [0, 0]}
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(0.05):
+            for name, p in zip(("src", "dst"), procs):
+                try:
+                    e, t = extra_kib(p.pid, mem >> 10)
+                except OSError:
+                    continue
+                peak[name] = [max(peak[name][0], e), max(peak[name][1], t)]
+
+    try:
+        QMPClient(f"unix:{tmp}/src.qmp").close()
+        QMPClient(f"unix:{tmp}/dst.qmp").close()
+        while passes_from_output((tmp / "src.log").read_bytes() if (tmp / "src.log").exists() else b"") < 2:
+            time.sleep(0.05)
+        idle = {n: extra_kib(p.pid, mem >> 10)[0] for n, p in zip(("src", "dst"), procs)}
+        th = threading.Thread(target=sampler, daemon=True)
+        th.start()
+        r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None, quiet=True,
+                          postcopy=args.postcopy, multifd=args.multifd)
+        stop.set()
+        th.join()
+        s = r["source"]
+        ok, why = verify_migrated(tmp, mem, ws) if s["status"] == "completed" else (False, s.get("error-desc", ""))
+        print(f"{args.mem} guest, {'postcopy' if args.postcopy else 'precopy'}"
+              f"{f', multifd {args.multifd}' if args.multifd else ''}: {s['status']}, "
+              f"total {s.get('total-time')} ms, integrity {'ok' if ok else 'FAILED: ' + why}")
+        print("| side | extra at idle MiB | extra peak during migration MiB | total resident peak MiB |")
+        print("|---|---|---|---|")
+        for n in ("src", "dst"):
+            print(f"| {n} | {idle[n] / 1024:.1f} | {peak[n][0] / 1024:.1f} | {peak[n][1] / 1024:.0f} |")
+        return 0 if ok else 1
+    finally:
+        stop.set()
+        stop_vms(tmp, procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Postcopy recovery: a broken connection after the switch pauses both sides, the guest keeps
+running on the destination, and `migrate-recover` + `migrate resume=true` finish the migration
+with nothing lost (real processes, real userfaultfd)."""
+import time
+
+import pytest
+from qemu.qmp import ExecuteError
+
+from vmtools import MiB, assert_migrated, migrate
+
+
+def _postcopy_under_way(vms, tmp_path, preempt=False, bandwidth=40 << 20):
+    """A 256 MiB all-RAM-dirtying guest switched to postcopy with a slow background push, so it
+    stays in postcopy-active for seconds."""
+    src = vms("src", memory="256M", ws_mib=0)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(1)
+    caps = ["events", "postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
+    migrate(src, dst, f"unix:{tmp_path}/mig.sock", caps=caps, wait=False,
+            params={"max-bandwidth": 400 << 20, "max-postcopy-bandwidth": bandwidth})
+    src.wait_status({"active"})
+    while src.cmd("query-migrate")["ram"]["dirty-sync-count"] < 2:
+        time.sleep(0.02)
+    src.cmd("migrate-start-postcopy")
+    src.wait_status({"postcopy-active"})
+    dst.wait_status({"postcopy-active"})
+    return src, dst
+
+
+def _recover(src, dst, uri):
+    dst.cmd("migrate-recover", uri=uri)
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    src.cmd("migrate", uri=uri, resume=True)
+
+
+def _both_paused(src, dst):
+    src.wait_status({"postcopy-paused"}, timeout=30)
+    dst.wait_status({"postcopy-paused"}, timeout=30)
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_migrate_pause_then_recover(vms, tmp_path, side):
+    src, dst = _postcopy_under_way(vms, tmp_path)
+    (src if side == "source" else dst).cmd("migrate-pause")
+    _both_paused(src, dst)
+    assert "x-livemig-pause-reason" in src.cmd("query-migrate")
+    with pytest.raises(ExecuteError, match="Postcopy migration in progress, cannot cancel"):
+        src.cmd("migrate_cancel")
+    assert dst.cmd("query-status")["status"] == "running"  # the guest stays on the destination
+    _recover(src, dst, f"unix:{tmp_path}/recover.sock")
+    info = src.wait_status({"completed", "failed"})
+    assert info["status"] == "completed", info
+    statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
+    assert "postcopy-paused" in statuses and "postcopy-recover" in statuses, statuses
+    assert_migrated(src, dst, 256 * MiB, 0)
+
+
+def test_failed_resume_goes_back_to_paused_and_retries(vms, tmp_path):
+    src, dst = _postcopy_under_way(vms, tmp_path)
+    src.cmd("migrate-pause")
+    _both_paused(src, dst)
+    src.cmd("migrate", uri=f"unix:{tmp_path}/nobody.sock", resume=True)  # nothing listens there
+    src.wait_status({"postcopy-paused"})
+    with pytest.raises(ExecuteError, match="Migrate recover can only be run when postcopy is paused"):
+        src.cmd("migrate-recover", uri=f"unix:{tmp_path}/x.sock")
+    _recover(src, dst, f"unix:{tmp_path}/recover.sock")
+    info = src.wait_status({"completed", "failed"})
+    assert info["status"] == "completed", info
+    assert_migrated(src, dst, 256 * MiB, 0)
+
+
+def test_recover_twice_with_preempt(vms, tmp_path):
+    src, dst = _postcopy_under_way(vms, tmp_path, preempt=True, bandwidth=20 << 20)
+    for i in range(2):
+        (src, dst)[i].cmd("migrate-pause")
+        _both_paused(src, dst)
+        dst.cmd("migrate-recover", uri=f"unix:{tmp_path}/recover{i}.sock")
+        src.cmd("migrate", uri=f"unix:{tmp_path}/recover{i}.sock", resume=True)
+        src.wait_status({"postcopy-active", "completed"})
+    _recover_done = src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    info = src.wait_status({"completed", "failed"})
+    assert info["status"] == "completed", info
+    assert_migrated(src, dst, 256 * MiB, 0)
+
+
+def test_pause_outside_postcopy_is_refused(vms):
+    src = vms("src", memory="64M", ws_mib=8)
+    with pytest.raises(ExecuteError, match="only supported during postcopy-active"):
+        src.cmd("migrate-pause")
+    with pytest.raises(ExecuteError, match="Cannot resume if there is no paused migration"):
+        src.cmd("migrate", uri="tcp:127.0.0.1:1", resume=True)
