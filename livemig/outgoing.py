@@ -359,6 +359,8 @@ class Outgoing:
     def _check(self) -> None:
         if self.cancel_requested:
             raise MigrationError("migration cancelled")
+        if self.shut_value not in (None, 0):
+            raise MigrationError(f"the destination failed (SHUT {self.shut_value} on the return path)")
         if self.pause_requested:
             raise LinkLost("paused by migrate-pause")
         if self.rp_error:
@@ -572,7 +574,9 @@ class Outgoing:
                 self._finish_postcopy(self.writer)
                 return
             except (LinkLost, TransportError, OSError) as e:
-                if self.state.status not in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER) or isinstance(e, ProtocolError):
+                # from postcopy-device on the destination may run the guest: never fail, pause
+                if self.state.status not in (S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER) \
+                        or isinstance(e, ProtocolError):
                     raise
                 self._pause(str(e))
                 self._recover()
@@ -598,7 +602,7 @@ class Outgoing:
     def _pause(self, reason: str) -> None:
         """Drop the broken connections and wait in postcopy-paused (the guest runs on the destination)."""
         self.pause_reason = reason
-        self.state.set({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER}, S.POSTCOPY_PAUSED)
+        self.state.set({S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER}, S.POSTCOPY_PAUSED)
         print(f"livemig: postcopy paused ({reason}); waiting for migrate resume=true", file=sys.stderr, flush=True)
         for c in (self.chan, self.preempt_chan):
             if c is not None:
@@ -673,6 +677,7 @@ class Outgoing:
         w.write(WS.command(WS.Cmd.POSTCOPY_RESUME))
         w.flush()
         self._wait(self.resume_acked, "RESUME_ACK")
+        self.package_loaded.set()  # only a destination that runs the guest can resume
         self.pause_reason = None
         self.state.set(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
 
@@ -939,6 +944,11 @@ class Outgoing:
                 self.state.set(S.CANCELLING, S.CANCELLED)
             return
         self.error = msg
+        if self.handed_over and self.shut_value is None:
+            # the whole stream went out and the destination never said how loading ended: it may run
+            # the guest now, so this side must not (`cont` resumes it here if the destination is gone)
+            self.error = f"{msg} (the whole stream was sent: the destination may be running the guest; " \
+                         "the source stays paused)"
         if self.state.status in S.IN_POSTCOPY - {S.POSTCOPY_DEVICE}:
             self.error = f"{msg} (postcopy: the guest runs on the destination; the source keeps its paused copy)"
             self.guest_moved = True
@@ -950,7 +960,8 @@ class Outgoing:
                 self.machine.dirty_log_stop()
             except Exception:
                 pass
-        if self.state.status != S.COMPLETED and self.paused_by_us and not getattr(self, "guest_moved", False):
+        if self.state.status != S.COMPLETED and self.paused_by_us and not getattr(self, "guest_moved", False) \
+                and not (self.handed_over and self.shut_value is None):
             self.machine.resume()  # a failed or cancelled precopy leaves the guest running
             self.on_runstate("running")
             self.emit("RESUME", None)

@@ -87,6 +87,29 @@ def test_migrate_to_nowhere_fails_cleanly(vms):
     info = src.wait_status({"failed", "completed"})
     assert info["status"] == "failed" and "refused" in info["error-desc"].lower(), info
     _guest_keeps_running(src)
+    src.cmd("migrate_cancel")  # after failed: harmless, stays failed (as QEMU)
+    assert src.cmd("query-migrate")["status"] == "failed"
+
+
+def test_cancel_before_migrate_and_twice_in_a_row(vms):
+    """QEMU's cancel matrix: before any migration a cancel does nothing; two cancels in a row
+    end in one `cancelled`; after a cancel a fresh migration succeeds."""
+    src, dst = None, None
+    src = vms("src", memory="256M", ws_mib=8, prefill=True)
+    src.cmd("migrate_cancel")
+    assert src.cmd("query-migrate") == {} and src.cmd("query-status")["status"] == "running"
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(2)
+    migrate(src, dst, params={"max-bandwidth": 20_000_000}, wait=False)
+    src.wait_status({"active"})
+    src.cmd("migrate_cancel")
+    src.cmd("migrate_cancel")
+    info = src.wait_status({"cancelled", "failed", "completed"})
+    assert info["status"] == "cancelled", info
+    statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
+    assert statuses.count("cancelled") == 1 and statuses.count("cancelling") == 1, statuses
+    _guest_keeps_running(src)
+    _migrate_again(vms, src)
 
 
 def test_qmp_errors(vms):

@@ -18,7 +18,7 @@ BAD_RP = {
     "request outside block": (RP.req_pages(64 << 20, 4096, "pc.ram"), True, "outside"),
     "misaligned request": (RP.req_pages(100, 4096, "pc.ram"), True, "aligned"),
     "unknown block": (RP.req_pages(0, 4096, "pc.rom"), True, "unknown RAM block"),
-    "bitmap not asked for": (RP.recv_bitmap("pc.ram", b"\x00" * 8), False, "unknown block"),
+    "bitmap not asked for": (RP.recv_bitmap("pc.ram", b"\x00" * 2048), False, "unexpected RecvBitmap"),
 }
 
 
