@@ -1,5 +1,6 @@
 """Soak: one guest migrated N times in a chain, each time into a fresh `livemig vm` process,
-precopy and postcopy alternating, integrity checked after every hop.
+precopy and postcopy (switched right after `migrate`) alternating, integrity checked after every
+hop.
 
     python3 bench/soak.py [--hops 50] [--mem 256M] [--ws 16]
 
@@ -58,7 +59,7 @@ def main() -> int:
         postcopy = hop % 2 == 0
         nxt = start(hop, True)
         r = run_migration(f"unix:{tmp}/vm{hop - 1}.qmp", f"unix:{tmp}/vm{hop}.qmp", None, 100_000_000_000, None,
-                          quiet=True, postcopy=postcopy)
+                          quiet=True, postcopy=postcopy, postcopy_now=True)
         s = r["source"]
         ok, why = False, s.get("error-desc", s.get("status"))
         if s.get("status") == "completed":
@@ -74,6 +75,7 @@ def main() -> int:
             ok = ok and running
             src.close()
             dst.close()
+        time.sleep(0.3)  # let the finished migration's threads exit
         at_end = usage(cur.pid)
         rows.append((hop - 1, at_start[hop - 1], at_end))
         at_start[hop] = usage(nxt.pid)

@@ -108,13 +108,15 @@ def _fmt_bytes(n: float) -> str:
 def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: int | None,
                   downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0,
                   postcopy: bool = False, preempt: bool = False, multifd: int = 0,
-                  policy: dict | None = None, report: str | None = None, via: str | None = None) -> dict:
+                  policy: dict | None = None, report: str | None = None, via: str | None = None,
+                  postcopy_now: bool = False) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides.
 
     `postcopy` without a `policy` switches after the first full pass, as QEMU's tests do; a
     `policy` ({"x-switchover-budget": ms} and/or {"x-postcopy-after-passes": n}) lets the source
     decide. `report` is a directory for the timeline JSON and plot. `via` is the URI the source
-    connects to when it differs from the one the destination listens on (a relay between them)."""
+    connects to when it differs from the one the destination listens on (a relay between them).
+    `postcopy_now` switches to postcopy right after `migrate` (almost every page demand-faulted)."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -124,20 +126,18 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
 
     console = Console(stderr=True, quiet=quiet)
     src, dst = QMPClient(src_addr), QMPClient(dst_addr)
-    caps = [{"capability": "events", "state": True}]
     if multifd:
-        caps.append({"capability": "multifd", "state": True})
         for side in (src, dst):
             side.cmd("migrate-set-parameters", **{"multifd-channels": multifd})
     if policy:
         postcopy = True
-    if postcopy:
-        caps.append({"capability": "postcopy-ram", "state": True})
-        if preempt:
-            caps.append({"capability": "postcopy-preempt", "state": True})
+    # every capability this command knows is set on both sides, on or off: a VM that arrived by a
+    # postcopy migration must not carry postcopy-ram into a precopy one
+    wanted = {"events": True, "multifd": bool(multifd), "postcopy-ram": postcopy,
+              "postcopy-preempt": postcopy and preempt}
+    caps = [{"capability": k, "state": v} for k, v in wanted.items()]
     src.cmd("migrate-set-capabilities", capabilities=caps)
-    dst.cmd("migrate-set-capabilities", capabilities=caps + ([{"capability": "postcopy-blocktime", "state": True}]
-                                                             if postcopy else []))
+    dst.cmd("migrate-set-capabilities", capabilities=caps + [{"capability": "postcopy-blocktime", "state": postcopy}])
     params = {}
     if max_bandwidth is not None:
         params["max-bandwidth"] = max_bandwidth
@@ -152,9 +152,12 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
         addr = dst.cmd("query-migrate")["socket-address"][0]
         uri = f"tcp:{addr['host']}:{addr['port']}"
     t0 = time.monotonic()
-    src.cmd("migrate", uri=via or uri)
-    info: dict = {}
     switched_at: float | None = None
+    src.cmd("migrate", uri=via or uri)
+    if postcopy and postcopy_now:
+        src.cmd("migrate-start-postcopy")
+        switched_at = time.monotonic()
+    info: dict = {}
     samples: list[dict] = []
 
     def line(i: dict) -> Text:

@@ -195,7 +195,7 @@ class VMProcess:
                 except (TransportError, MigrationError) as e:
                     raise QMPError(str(e)) from None
                 return
-            if self.runstate == "inmigrate" or self.incoming:
+            if self.runstate == "inmigrate" or (self.incoming and self.incoming.state.status != S.COMPLETED):
                 raise QMPError("Guest is waiting for an incoming migration")
             if self._migration_running():
                 raise QMPError("There's a migration process in progress")

@@ -114,3 +114,21 @@ def test_source_stays_paused_and_answers_after_completion(vms, tmp_path):
     assert (tmp_path / "after.ram").stat().st_size == 4 * MiB
     assert src.cmd("query-migrate")["status"] == "completed"
     assert_migrated(src, dst, 64 * MiB, 4)
+
+
+def test_a_migrated_guest_migrates_on(vms):
+    """A -> B by postcopy, then B -> C by precopy: the VM that arrived migrates again, and the
+    capabilities of the first migration must be switched off on both ends of the second."""
+    a = vms("a", memory="128M", ws_mib=8)
+    b = vms("b", memory="128M", incoming="defer")
+    a.wait_passes(2)
+    migrate(a, b, caps=["events", "postcopy-ram"], wait=False)
+    a.cmd("migrate-start-postcopy")
+    assert a.wait_status({"completed", "failed"})["status"] == "completed"
+    assert_migrated(a, b, 128 * MiB, 8)
+    c = vms("c", memory="128M", incoming="defer")
+    for vm in (b, c):
+        vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": False}])
+    info = migrate(b, c)
+    assert info["status"] == "completed", info
+    assert_migrated(b, c, 128 * MiB, 8)
