@@ -20,12 +20,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from livemig.cli import run_migration, stop_vms, verify_migrated
-from livemig.guest.image import make_image, passes_from_output
-from livemig.qmpclient import QMPClient
+from livemig.cli import run_migration, start_vms, stop_vms, verify_migrated, wait_workload
+from livemig.guest.image import make_image
 
 HERE = Path(__file__).resolve().parent
 SRC_IP, DST_IP = "10.231.7.1", "10.231.7.2"
@@ -70,12 +68,8 @@ class Link:
 def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-link-"))
     ws = 0 if postcopy else 16
-    (tmp / "guest.img").write_bytes(make_image(ws, True))
-    base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(tmp / "guest.img")]
-    procs = [subprocess.Popen(["ip", "netns", "exec", ns] + base
-                              + ["--qmp", f"unix:{tmp}/{n}.qmp", "--serial", f"file:{tmp}/{n}.log"] + extra,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for n, ns, extra in (("src", link.src, []), ("dst", link.dst, ["--incoming", "defer"]))]
+    procs = start_vms(tmp, make_image(ws, True), mem,
+                      wrap={"src": ["ip", "netns", "exec", link.src], "dst": ["ip", "netns", "exec", link.dst]})
     relay = None
     try:
         via = None
@@ -85,9 +79,7 @@ def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = F
                                      stdout=subprocess.PIPE, text=True)
             relay.stdout.readline()
             via = f"tcp:{SRC_IP}:{RELAY_PORT}"
-        QMPClient(f"unix:{tmp}/src.qmp").close()
-        while passes_from_output((tmp / "src.log").read_bytes() if (tmp / "src.log").exists() else b"") < 1:
-            time.sleep(0.05)
+        wait_workload(tmp, procs[0], 1)
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", f"tcp:{DST_IP}:{MIG_PORT}",
                           100_000_000_000, None, quiet=True, timeout=300, postcopy=postcopy, preempt=preempt,
                           via=via)

@@ -10,16 +10,13 @@ migration, and the peak VmHWM-style total. Ends with the integrity check.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-from livemig.cli import parse_size, run_migration, stop_vms, verify_migrated
-from livemig.guest.image import make_image, passes_from_output
-from livemig.qmpclient import QMPClient
+from livemig.cli import parse_size, run_migration, start_vms, stop_vms, verify_migrated, wait_workload
+from livemig.guest.image import make_image
 
 
 def extra_kib(pid: int, guest_kib: int) -> tuple[int, int]:
@@ -48,11 +45,7 @@ def main() -> int:
     mem = parse_size(args.mem)
     ws = 0 if args.postcopy else args.ws
     tmp = Path(tempfile.mkdtemp(prefix="livemig-mem-"))
-    (tmp / "guest.img").write_bytes(make_image(ws, True))
-    base = [sys.executable, "-m", "livemig", "vm", "--memory", args.mem, "--boot-sector", str(tmp / "guest.img")]
-    procs = [subprocess.Popen(base + ["--qmp", f"unix:{tmp}/{n}.qmp", "--serial", f"file:{tmp}/{n}.log"] + extra,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for n, extra in (("src", []), ("dst", ["--incoming", "defer"]))]
+    procs = start_vms(tmp, make_image(ws, True), args.mem)
     peak = {"src": [0, 0], "dst": [0, 0]}
     stop = threading.Event()
 
@@ -66,10 +59,7 @@ def main() -> int:
                 peak[name] = [max(peak[name][0], e), max(peak[name][1], t)]
 
     try:
-        QMPClient(f"unix:{tmp}/src.qmp").close()
-        QMPClient(f"unix:{tmp}/dst.qmp").close()
-        while passes_from_output((tmp / "src.log").read_bytes() if (tmp / "src.log").exists() else b"") < 2:
-            time.sleep(0.05)
+        wait_workload(tmp, procs[0], 2)
         idle = {n: extra_kib(p.pid, mem >> 10)[0] for n, p in zip(("src", "dst"), procs)}
         th = threading.Thread(target=sampler, daemon=True)
         th.start()

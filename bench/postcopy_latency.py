@@ -9,16 +9,13 @@ blocktime, and fault -> placement latency p50 / p99 (livemig's own `x-livemig-po
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from livemig.cli import run_migration, stop_vms
+from livemig.cli import run_migration, start_vms, stop_vms
 from livemig.qmpclient import QMPClient
 
 GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "dirty.bin"
@@ -28,13 +25,8 @@ def one(mem: str, preempt: bool, resend: bool = True) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
     img = bytearray(GUEST.read_bytes())
     struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
-    (tmp / "boot.img").write_bytes(bytes(img))
-    base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(tmp / "boot.img")]
-    procs = [subprocess.Popen(base + ["--qmp", f"unix:{tmp}/{n}.qmp", "--serial", f"file:{tmp}/{n}.log"] + extra,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for n, extra in (("src", []), ("dst", ["--incoming", "defer"]))]
+    procs = start_vms(tmp, bytes(img), mem)
     try:
-        QMPClient(f"unix:{tmp}/src.qmp").close()
         while not (tmp / "src.log").exists() or (tmp / "src.log").stat().st_size < 2:
             time.sleep(0.05)
         if preempt and resend:

@@ -49,7 +49,18 @@ def main() -> int:
         QMPClient(f"unix:{tmp}/vm{i}.qmp").close()
         return p
 
+    procs: list[subprocess.Popen] = []
+    try:
+        return _chain(args, mem, tmp, start, procs)
+    finally:
+        for p in procs:  # whatever is left after a failure
+            if p.poll() is None:
+                p.kill()
+
+
+def _chain(args, mem: int, tmp: Path, start, procs: list) -> int:
     cur = start(0, False)
+    procs.append(cur)
     while passes_from_output((tmp / "vm0.log").read_bytes() if (tmp / "vm0.log").exists() else b"") < 2:
         time.sleep(0.05)
     rows, failed = [], []
@@ -58,6 +69,7 @@ def main() -> int:
     for hop in range(1, args.hops + 1):
         postcopy = hop % 2 == 0
         nxt = start(hop, True)
+        procs.append(nxt)
         r = run_migration(f"unix:{tmp}/vm{hop - 1}.qmp", f"unix:{tmp}/vm{hop}.qmp", None, 100_000_000_000, None,
                           quiet=True, postcopy=postcopy, postcopy_now=True)
         s = r["source"]

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from livemig.cli import run_migration, stop_vms, verify_migrated
+from livemig.cli import run_migration, start_vms, stop_vms, verify_migrated, wait_workload
 from livemig.guest.image import make_image, passes_from_output
-from livemig.qmpclient import QMPClient
 
 
 def _passes(tmp: Path) -> int:
@@ -34,15 +32,9 @@ def _passes(tmp: Path) -> int:
 
 def one(mem: str, ws_mib: int, mode: str, budget: int, cap: float) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-policy-"))
-    (tmp / "guest.img").write_bytes(make_image(ws_mib, True))
-    base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(tmp / "guest.img")]
-    procs = [subprocess.Popen(base + ["--qmp", f"unix:{tmp}/{n}.qmp", "--serial", f"file:{tmp}/{n}.log"] + extra,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for n, extra in (("src", []), ("dst", ["--incoming", "defer"]))]
+    procs = start_vms(tmp, make_image(ws_mib, True), mem)
     try:
-        QMPClient(f"unix:{tmp}/src.qmp").close()
-        while passes_from_output((tmp / "src.log").read_bytes() if (tmp / "src.log").exists() else b"") < 2:
-            time.sleep(0.05)
+        wait_workload(tmp, procs[0], 2)
         p0, t0 = _passes(tmp), time.monotonic()
         time.sleep(1.0)
         rate_before = (_passes(tmp) - p0) / (time.monotonic() - t0)

@@ -270,31 +270,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _need_kvm()
     from .errors import MigrationError
     from .guest.image import make_image, passes_from_output
-    from .qmpclient import QMPClient
 
     if (args.postcopy or _policy(args)) and args.ws_mib is None:
         args.ws_mib = 0  # postcopy demo: the guest dirties all of its RAM
     if args.ws_mib is None:
         args.ws_mib = 256
     tmp = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
-    img = tmp / "guest.img"
-    img.write_bytes(make_image(args.ws_mib, args.prefill))
-    mem = f"{args.memory >> 20}M"
-    base = [sys.executable, "-m", "livemig", "vm", "--memory", mem, "--boot-sector", str(img)]
-    src_cmd = base + ["--qmp", f"unix:{tmp}/src.qmp", "--serial", f"file:{tmp}/src.log"]
-    dst_cmd = base + ["--qmp", f"unix:{tmp}/dst.qmp", "--serial", f"file:{tmp}/dst.log", "--incoming", "defer"]
     print(f"livemig demo ({'postcopy' if args.postcopy or _policy(args) else 'precopy'}): {_fmt_bytes(args.memory)} guest dirtying "
           f"{'all RAM' if not args.ws_mib else f'{args.ws_mib} MiB'} (work dir {tmp})")
-    procs = [subprocess.Popen(c, stdout=open(tmp / f"{n}.out", "wb"), stderr=subprocess.STDOUT)
-             for n, c in (("src", src_cmd), ("dst", dst_cmd))]
+    procs = start_vms(tmp, make_image(args.ws_mib, args.prefill), f"{args.memory >> 20}M", quiet=False)
     rc = 1
     try:
-        src = QMPClient(f"unix:{tmp}/src.qmp")
-        deadline = time.monotonic() + 120
-        while passes_from_output((tmp / "src.log").read_bytes()) < 1:
-            if time.monotonic() > deadline or procs[0].poll() is not None:
-                raise MigrationError("the source guest did not start its workload")
-            time.sleep(0.1)
+        wait_workload(tmp, procs[0], 1)
         print(f"source guest running: {passes_from_output((tmp / 'src.log').read_bytes())} pass(es) done; migrating")
         result = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None,
                                args.max_bandwidth, args.downtime_limit, postcopy=args.postcopy,
@@ -312,6 +299,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         stop_vms(tmp, procs)
     return rc
+
+
+def start_vms(tmp: Path, image: bytes, memory: str, wrap: dict[str, list[str]] | None = None,
+              quiet: bool = True) -> list[subprocess.Popen]:
+    """A source VM running `image` and a destination waiting for it (`--incoming defer`), with QMP
+    on unix:{tmp}/src.qmp, dst.qmp and serial logs src.log, dst.log; `wrap` prefixes a side's
+    command (e.g. `ip netns exec NS`). Returns [src, dst] once both answer QMP."""
+    from .errors import MigrationError
+    from .qmpclient import QMPClient
+
+    (tmp / "guest.img").write_bytes(image)
+    base = [sys.executable, "-m", "livemig", "vm", "--memory", memory, "--boot-sector", str(tmp / "guest.img")]
+    procs = []
+    for name, extra in (("src", []), ("dst", ["--incoming", "defer"])):
+        cmd = (wrap or {}).get(name, []) + base + ["--qmp", f"unix:{tmp}/{name}.qmp",
+                                                  "--serial", f"file:{tmp}/{name}.log"] + extra
+        out = subprocess.DEVNULL if quiet else open(tmp / f"{name}.out", "wb")
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if not quiet else subprocess.DEVNULL))
+    try:
+        for name in ("src", "dst"):
+            QMPClient(f"unix:{tmp}/{name}.qmp").close()
+    except Exception as e:
+        stop_vms(tmp, procs)
+        raise MigrationError(f"the VMs did not start: {e}") from None
+    return procs
+
+
+def wait_workload(tmp: Path, proc: subprocess.Popen, passes: int, timeout: float = 120.0) -> None:
+    """Until the source's workload guest (serial log src.log in `tmp`) has done `passes` passes."""
+    from .errors import MigrationError
+    from .guest.image import passes_from_output
+
+    log = tmp / "src.log"
+    deadline = time.monotonic() + timeout
+    while passes_from_output(log.read_bytes() if log.exists() else b"") < passes:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise MigrationError("the source guest did not start its workload")
+        time.sleep(0.05)
 
 
 def verify_migrated(tmp: Path, memory: int, ws_mib: int) -> tuple[bool, str]:

@@ -4,11 +4,9 @@ process_incoming_migration / qemu_loadvm_state.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 import threading
-import time
 from typing import Any, Callable
 
 import numpy as np

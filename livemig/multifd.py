@@ -19,8 +19,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .errors import MigrationError, ProtocolError, TransportError
-from .ramblock import TPS, RamBlock, run_bounds
+from .errors import MigrationError, ProtocolError
+from .ramblock import TPS, RamBlock
 from .transport import URI, Channel, connect
 from .wire import multifd as WM
 

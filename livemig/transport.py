@@ -107,12 +107,7 @@ class Channel:
         total = sum(v.nbytes for v in views)
         try:
             while views:
-                n = self.sock.sendmsg(views)
-                while views and n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                if n:
-                    views[0] = views[0][n:]
+                _consume(views, self.sock.sendmsg(views))
         except OSError as e:
             raise TransportError(f"migration connection failed while sending: {e.strerror or e}") from None
         return total
@@ -131,11 +126,7 @@ class Channel:
                         return False
                     raise TransportError("migration connection closed in the middle of a packet")
                 got += n
-                while views and n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                if n:
-                    views[0] = views[0][n:]
+                _consume(views, n)
         except OSError as e:
             raise TransportError(f"migration connection failed while receiving: {e.strerror or e}") from None
         return True
@@ -179,6 +170,15 @@ class Channel:
         except OSError:
             pass
         self.fd = None
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first `n` bytes of a scatter-gather list (what one sendmsg/recvmsg_into moved)."""
+    while views and n >= views[0].nbytes:
+        n -= views[0].nbytes
+        views.pop(0)
+    if n:
+        views[0] = views[0][n:]
 
 
 def _tune(sock: socket.socket) -> socket.socket:

@@ -8,7 +8,7 @@ concerns the main stream is checked here; bad input raises ProtocolError and not
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided

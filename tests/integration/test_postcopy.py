@@ -1,5 +1,4 @@
 """Postcopy between two real livemig processes: userfaultfd demand paging over the return path."""
-import socket
 import time
 
 import pytest

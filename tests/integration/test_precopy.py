@@ -3,8 +3,6 @@ import os
 import socket
 import time
 
-import pytest
-
 from vmtools import MiB, assert_migrated, migrate
 
 

@@ -5,10 +5,8 @@ through a real destination process. Only ProtocolError may come out; page offset
 guest RAM; a real destination fails with an error-desc and keeps answering."""
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

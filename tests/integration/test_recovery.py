@@ -77,7 +77,7 @@ def test_recover_twice_with_preempt(vms, tmp_path):
         dst.cmd("migrate-recover", uri=f"unix:{tmp_path}/recover{i}.sock")
         src.cmd("migrate", uri=f"unix:{tmp_path}/recover{i}.sock", resume=True)
         src.wait_status({"postcopy-active", "completed"})
-    _recover_done = src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     info = src.wait_status({"completed", "failed"})
     assert info["status"] == "completed", info
     assert_migrated(src, dst, 256 * MiB, 0)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from livemig.guest.image import make_image, passes_from_output
@@ -109,7 +110,7 @@ def migrate(src: VM, dst: VM, uri: str = "tcp:127.0.0.1:0", *, caps: list[str] =
     return src.wait_status({"completed", "failed", "cancelled"})
 
 
-def dump_first_bytes(vm: VM, start: int, size: int) -> "np.ndarray":
+def dump_first_bytes(vm: VM, start: int, size: int) -> np.ndarray:
     path = vm.tmp / f"{vm.name}-{start:x}.ram"
     vm.cmd("pmemsave", val=start, size=size, filename=str(path))
     fb = first_bytes(str(path))
