@@ -119,6 +119,7 @@ class Incoming:
         for c in (self.chan, getattr(self, "preempt_chan", None)):
             if c is not None:
                 c.shutdown()
+        self._close_listener()  # a preempt thread still waiting to accept gives up
         t = getattr(self, "preempt_thread", None)
         if t is not None:
             t.join(timeout=10)
@@ -128,7 +129,6 @@ class Incoming:
         self.preempt_chan = self.preempt_error = None
         assert self.pc is not None
         self.pc.main_placer.drop_partial()
-        self.pc.last_block_sent = None
         dec.reconnect()
         while True:
             self.recover_event.wait()
@@ -138,6 +138,7 @@ class Incoming:
             try:
                 chan = listener.accept(keep_open=self.opts.cap("postcopy-preempt"))
             except TransportError as e:
+                listener.close()
                 self.recover_listener = None
                 print(f"livemig: postcopy recovery: {e}", file=sys.stderr, flush=True)
                 continue
@@ -158,6 +159,9 @@ class Incoming:
         self.listener.close()
         if self.chan is not None:
             self.chan.shutdown()
+        if self.multifd is not None:
+            for c in self.multifd.chans:
+                c.chan.shutdown()  # a loader waiting at MULTIFD_FLUSH wakes up
 
     # -- the loader thread
     def _run(self) -> None:
@@ -182,6 +186,7 @@ class Incoming:
         if self.listener.sock is None:
             raise MigrationError("multifd needs several connections: use a tcp: or unix: URI")
         chans: dict[int, Channel] = {}
+        ch: Channel | None = None
         try:
             while self.chan is None or len(chans) < want:
                 timeout = None if self.chan is None and not chans else CHANNELS_TIMEOUT_S
@@ -200,9 +205,12 @@ class Incoming:
                 else:
                     ch.close()
                     raise ProtocolError(f"unknown migration channel (starts with {magic.hex()})")
-        except TransportError as e:
-            for ch in chans.values():
-                ch.close()
+        except Exception as e:
+            for c in list(chans.values()) + [ch]:
+                if c is not None and c is not self.chan:
+                    c.close()
+            if not isinstance(e, TransportError):
+                raise
             raise MigrationError(f"multifd: {len(chans)} of {want} channels connected ({e}); "
                                  "is the multifd capability on at the source?") from None
         if not keep:
@@ -260,11 +268,17 @@ class Incoming:
                 dec.finish()
                 break
             dec.commit(n)
-            while (ev := dec.next_event()) is not None:
-                if self._handle(ev):
-                    eof = True
-                    if self.pc is not None and self.pc.listening:
-                        break  # postcopy streams end at EOF: the source waits for SHUT
+            try:
+                while (ev := dec.next_event()) is not None:
+                    if self._handle(ev):
+                        eof = True
+                        if self.pc is not None and self.pc.listening:
+                            break  # postcopy streams end at EOF: the source waits for SHUT
+            except (OSError, TransportError) as e:  # a reply on the return path failed
+                if not self._can_pause() or isinstance(e, ProtocolError):
+                    raise
+                chan = self._pause_and_recover(dec, f"return path: {e}")
+                continue
             if eof and self.pc is not None and self.pc.listening:
                 break
         self.stats.transferred = dec.bytes_consumed

@@ -198,6 +198,8 @@ class PageChannel:
             contiguous = False
         if zero_idx.size:
             self._zeros(zero_idx)
+            if multifd is not None:
+                multifd.unsynced = True  # a later copy on a multifd channel must not overtake it
         if not page_idx.size:
             return
         if multifd is not None:
@@ -602,6 +604,7 @@ class Outgoing:
             raise MigrationError("postcopy recovery needs a tcp: or unix: URI")
         if not self.state.set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP):
             raise MigrationError("Cannot resume if there is no paused migration")
+        self.pause_requested = False  # a migrate-pause that raced with the pause itself
         self.resume_uri = uri
         self.resume_event.set()
 
@@ -742,7 +745,8 @@ class Outgoing:
         while not self.shut.wait(0.05):
             self._check()
             if time.monotonic() > deadline:
-                raise MigrationError("destination did not confirm completion (no SHUT on the return path)")
+                raise (LinkLost if self.in_postcopy else MigrationError)(
+                    "destination did not confirm completion (no SHUT on the return path)")
         if self.shut_value != 0:
             raise MigrationError(f"destination reported an error {where} (SHUT {self.shut_value})")
 
@@ -809,7 +813,7 @@ class Outgoing:
         if self.preempt is None:
             return
         if not self.preempt_lock.acquire(timeout=30):
-            raise MigrationError("the postcopy-preempt channel is stuck (destination not reading)")
+            raise LinkLost("the postcopy-preempt channel is stuck (destination not reading)")
         try:
             self.preempt.w.flush()
             self.preempt_bytes = self.preempt.w.position

@@ -52,7 +52,6 @@ class PostcopyDestination:
         self.lock = threading.Lock()
         self.hp = block.page_size // TPS  # target pages per host page
         self.main_placer = Placer(self)
-        self.last_block_sent: str | None = None
         self.requests = 0
         self.faults = 0
         self.latencies: list[float] = []  # seconds, every remote fault (vCPU or not)
@@ -160,9 +159,9 @@ class PostcopyDestination:
                         self.fault_time[page] = (now, vcpu)
                         if vcpu >= 0:
                             self._block(vcpu, now, len(tids))
-                        msgs.append(RPW.req_pages(page * TPS, self.hp * TPS,
-                                                  None if self.last_block_sent else self.block.name))
-                        self.last_block_sent = self.block.name
+                        # always REQ_PAGES_ID: a request built just before a reconnection may go
+                        # out first on the new connection, where an unnamed one would be an error
+                        msgs.append(RPW.req_pages(page * TPS, self.hp * TPS, self.block.name))
                         self.requests += 1
             if msgs:
                 try:
@@ -171,12 +170,10 @@ class PostcopyDestination:
                     pass  # the return path broke: the pages stay requested, asked again on recovery
 
     def resend_requests(self) -> int:
-        """Recovery: ask again for every faulted page that has not arrived (the first request
-        names the block: a new connection). Returns how many."""
+        """Recovery: ask again for every faulted page that has not arrived. Returns how many."""
         with self.lock:
             pages = np.flatnonzero(self.requested & ~self.received).tolist()
-            msgs = [RPW.req_pages(p * TPS, self.hp * TPS, None if i else self.block.name) for i, p in enumerate(pages)]
-            self.last_block_sent = self.block.name if msgs else None
+            msgs = [RPW.req_pages(p * TPS, self.hp * TPS, self.block.name) for p in pages]
         if msgs:
             self.send_rp(b"".join(msgs))
         return len(msgs)

@@ -267,7 +267,8 @@ class Listener:
         will follow: multifd, postcopy-preempt)."""
         if self.fd is not None:
             return _from_fd(self.fd) if self.uri.scheme == "fd" else Channel(fd=self.fd)
-        assert self.sock is not None
+        if self.sock is None:
+            raise TransportError("the migration listener is closed")
         try:
             self.sock.settimeout(timeout)
             conn, _ = self.sock.accept()
@@ -282,8 +283,10 @@ class Listener:
         return Channel(_tune(conn))
 
     def close_socket(self) -> None:
+        """Once: a later listener may own the same unix path by then."""
         if self.sock is not None:
             self.sock.close()
+            self.sock = None
             if self.uri.scheme == "unix":
                 try:
                     os.unlink(self.uri.path)

@@ -4,7 +4,8 @@ compression, version 1). Sans-IO: bytes in, values out; every field is checked.
 
 Packet header (big-endian, 320 bytes + 8 per page slot):
   be32 magic, be32 version, be32 flags, be32 pages_alloc, be32 normal_pages,
-  be32 next_packet_size, be64 packet_num, 4 x be64 unused, char ramblock[256],
+  be32 next_packet_size, be64 packet_num, 32 unused bytes (QEMU >= 9.0: be32 zero_pages first;
+  livemig sends 0 and refuses others), char ramblock[256],
   be64 offset[pages_alloc]   (only the first normal_pages are meaningful)
 then normal_pages x page_size bytes of page data, in offset order.
 """
@@ -27,7 +28,7 @@ INIT_LEN = 64
 UUID_LEN = 16
 BLOCK_NAME_LEN = 256
 _INIT = struct.Struct(">II16sB7x32x")
-_HDR = struct.Struct(">IIIIIIQ32x256s")
+_HDR = struct.Struct(">IIIIIIQI28x256s")
 HEADER_LEN = _HDR.size + 8 * PACKET_PAGES  # 1344 bytes for 4 KiB target pages
 assert _INIT.size == INIT_LEN and _HDR.size == 320
 
@@ -67,7 +68,7 @@ def packet_header(offsets: np.ndarray, packet_num: int, block: str, flags: int =
         raise ValueError("RAM block name too long for a multifd packet")
     slots = np.zeros(PACKET_PAGES, dtype=">u8")
     slots[:n] = offsets
-    return _HDR.pack(MAGIC, VERSION, flags, PACKET_PAGES, n, n * page_size, packet_num,
+    return _HDR.pack(MAGIC, VERSION, flags, PACKET_PAGES, n, n * page_size, packet_num, 0,
                      name) + slots.tobytes()
 
 
@@ -88,7 +89,7 @@ def parse_header(data, block_sizes: dict[str, int], page_size: int = TPS) -> Pac
     """Check one packet header (HEADER_LEN bytes) against the local RAM blocks."""
     if len(data) != HEADER_LEN:
         raise ProtocolError(f"multifd: packet header of {len(data)} bytes, expected {HEADER_LEN}")
-    magic, version, flags, alloc, normal, next_size, num, raw_name = _HDR.unpack_from(data)
+    magic, version, flags, alloc, normal, next_size, num, zero_pages, raw_name = _HDR.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError(f"multifd: received packet magic {magic:x} expected {MAGIC:x}")
     if version != VERSION:
@@ -97,8 +98,12 @@ def parse_header(data, block_sizes: dict[str, int], page_size: int = TPS) -> Pac
         raise ProtocolError(f"multifd: packet flags 0x{flags:x} ask for compression, which is off")
     if flags & ~(FLAG_SYNC | FLAG_COMPRESSION_MASK):
         raise ProtocolError(f"multifd: unknown packet flags 0x{flags:x}")
-    if alloc > PACKET_PAGES:
-        raise ProtocolError(f"multifd: received packet with {alloc} pages and expected maximum pages are {PACKET_PAGES}")
+    if alloc != PACKET_PAGES:
+        raise ProtocolError(f"multifd: received packet with {alloc} page slots, expected {PACKET_PAGES} "
+                            "(maximum pages)")
+    if zero_pages:
+        raise ProtocolError(f"multifd: packet with {zero_pages} zero pages (QEMU >= 9.0 multifd zero-page "
+                            "detection) is not supported: use zero-page-detection=legacy on the source")
     if normal > alloc:
         raise ProtocolError(f"multifd: received packet with {normal} normal pages and expected maximum pages are {alloc}")
     if next_size != normal * page_size:

@@ -93,7 +93,8 @@ PAGE = b"\xab" * 4096
 def _hdr(offsets, flags=0, block="pc.ram", **over):
     raw = bytearray(WM.packet_header(np.array(offsets, dtype=np.uint64), 7, block, flags))
     for field, value in over.items():  # patch one be32 field of the header
-        pos = {"version": 4, "flags": 8, "pages_alloc": 12, "normal_pages": 16, "next_size": 20}[field]
+        pos = {"version": 4, "flags": 8, "pages_alloc": 12, "normal_pages": 16, "next_size": 20,
+               "zero_pages": 32}[field]
         raw[pos:pos + 4] = struct.pack(">I", value)
     return bytes(raw)
 
@@ -106,6 +107,8 @@ BAD_CHANNELS = {
     "misaligned page": (WM.init_packet(0), _hdr([100]) + PAGE, "aligned"),
     "unknown block": (WM.init_packet(0), _hdr([0], block="pc.rom") + PAGE, "unknown RAM block"),
     "too many pages": (WM.init_packet(0), _hdr([0], pages_alloc=4096), "maximum pages"),
+    "too few page slots": (WM.init_packet(0), _hdr([0], pages_alloc=2), "maximum pages"),
+    "QEMU 9 zero pages": (WM.init_packet(0), _hdr([0], zero_pages=3) + PAGE, "zero pages"),
     "normal above alloc": (WM.init_packet(0), _hdr([0], normal_pages=129), "maximum pages"),
     "data size lie": (WM.init_packet(0), _hdr([0], next_size=1 << 30) + PAGE, "announces"),
     "compression": (WM.init_packet(0), _hdr([0], flags=2) + PAGE, "compression"),

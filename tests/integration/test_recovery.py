@@ -69,13 +69,17 @@ def test_failed_resume_goes_back_to_paused_and_retries(vms, tmp_path):
     assert_migrated(src, dst, 256 * MiB, 0)
 
 
-def test_recover_twice_with_preempt(vms, tmp_path):
+@pytest.mark.parametrize("same_path", [False, True], ids=["new-address", "same-address"])
+def test_recover_twice_with_preempt(vms, tmp_path, same_path):
+    """Two pauses in one migration; with the same recovery address both times, the second
+    listener's socket file must survive the first one's cleanup."""
     src, dst = _postcopy_under_way(vms, tmp_path, preempt=True, bandwidth=20 << 20)
     for i in range(2):
         (src, dst)[i].cmd("migrate-pause")
         _both_paused(src, dst)
-        dst.cmd("migrate-recover", uri=f"unix:{tmp_path}/recover{i}.sock")
-        src.cmd("migrate", uri=f"unix:{tmp_path}/recover{i}.sock", resume=True)
+        uri = f"unix:{tmp_path}/recover{0 if same_path else i}.sock"
+        dst.cmd("migrate-recover", uri=uri)
+        src.cmd("migrate", uri=uri, resume=True)
         src.wait_status({"postcopy-active", "completed"})
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     info = src.wait_status({"completed", "failed"})

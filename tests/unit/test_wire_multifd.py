@@ -55,3 +55,35 @@ def test_any_header_bytes_give_a_packet_or_a_protocol_error(raw):
 def test_sender_refuses_oversized_packets():
     with pytest.raises(ValueError):
         WM.packet_header(np.zeros(129, dtype=np.uint64), 0, "pc.ram")
+
+
+def test_zero_records_on_the_main_channel_need_a_flush_too():
+    """A pass of only zero pages still needs MULTIFD_FLUSH before the next merge: otherwise a later
+    copy of such a page on a multifd channel can be stored before the loader reaches the ZERO
+    record, which then wipes it."""
+    from livemig.outgoing import PageChannel, Writer
+    from livemig.ramblock import RamBlock
+    from livemig.stats import RamStats
+
+    class Sink:
+        def sendall(self, data):
+            pass
+
+    class Multifd:
+        unsynced = False
+        queued: list = []
+
+        def send_pages(self, idx):
+            self.queued.append(idx)
+            self.unsynced = True
+
+    mem = bytearray(16 * 4096)
+    mem[5 * 4096] = 1
+    ch = PageChannel(RamBlock("pc.ram", mem), Writer(Sink()), RamStats())
+    mf = Multifd()
+    ch.send(np.array([1, 2, 3]), mf)  # zero pages only
+    assert mf.unsynced and not mf.queued
+    mf2 = Multifd()
+    mf2.queued = []
+    ch.send(np.array([4, 5]), mf2)
+    assert mf2.unsynced and mf2.queued[0].tolist() == [5]
