@@ -584,8 +584,8 @@ class Outgoing:
             except (LinkLost, TransportError, OSError) as e:
                 # from postcopy-device on the destination may run the guest: never fail, pause
                 if self.state.status not in (S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER) \
-                        or isinstance(e, ProtocolError):
-                    raise
+                        or isinstance(e, ProtocolError) or (self.rp_error and not self.rp_io):
+                    raise  # bad input (the send error may only be the echo of it) fails
                 self._pause(str(e))
                 self._recover()
 
@@ -656,7 +656,7 @@ class Outgoing:
                 self._resume_handshake()
                 return
             except (LinkLost, TransportError, OSError) as e:
-                if isinstance(e, ProtocolError):
+                if isinstance(e, ProtocolError) or (self.rp_error and not self.rp_io):
                     raise
                 self._pause(str(e))
 
