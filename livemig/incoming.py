@@ -17,7 +17,7 @@ from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .multifd import MultifdReceiver
 from .postcopy import Placer, PostcopyDestination, check_host
-from .ramblock import TPS, RamBlock, pack_bitmap, populate, run_bounds
+from .ramblock import TPS, RamBlock, pack_bitmap, populate
 from .stats import RamStats
 from .transport import Channel, Listener, URI
 from .wire import decoder as D
@@ -222,11 +222,11 @@ class Incoming:
         if self.pc is not None and self.pc.listening:
             raise ProtocolError("multifd pages after POSTCOPY_LISTEN")
         if self.populate:
-            fresh = np.zeros(self.block.npages + 1, dtype=np.bool_)
-            fresh[idx] = ~self.received[idx]
-            starts, ends = run_bounds(fresh)
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                self._populate(a, b - a)
+            fresh = idx[~self.received[idx]]  # ascending; allocate each run of them in one call
+            if fresh.size:
+                cuts = np.flatnonzero(np.diff(fresh) != 1) + 1
+                for run in np.split(fresh, cuts):
+                    self._populate(int(run[0]), run.size)
 
     def stored(self, idx: np.ndarray) -> None:
         self.nonzero[idx] = True
