@@ -203,11 +203,16 @@ def test_postcopy_preempt_hugetlb(vms, hugepages):
 
 
 # --------------------------------------------------------------------- switchover policy
+def _policy_migration(vms, memory: str, ws_mib: int, passes: int, params: dict):
+    """A postcopy-ram migration that only the source's switchover policy may switch."""
+    src = vms("src", memory=memory, ws_mib=ws_mib)
+    dst = vms("dst", memory=memory, incoming="defer")
+    src.wait_passes(passes)
+    return src, dst, migrate(src, dst, caps=["events", "postcopy-ram"], params=params)
+
+
 def test_policy_after_passes_switches_by_itself(vms):
-    src = vms("src", memory="256M", ws_mib=0)
-    dst = vms("dst", memory="256M", incoming="defer")
-    src.wait_passes(1)
-    info = migrate(src, dst, caps=["events", "postcopy-ram"], params={"x-postcopy-after-passes": 1})
+    src, dst, info = _policy_migration(vms, "256M", 0, 1, {"x-postcopy-after-passes": 1})
     assert info["status"] == "completed", info
     assert "1 precopy pass(es) done" in info["x-livemig-switchover-reason"], info
     assert info["ram"]["postcopy-bytes"] > 0 and info["ram"]["dirty-sync-count"] == 3, info
@@ -217,11 +222,7 @@ def test_policy_after_passes_switches_by_itself(vms):
 def test_policy_budget_switches_a_guest_that_cannot_converge(vms):
     """All of RAM dirtied faster than 50 MB/s: precopy cannot finish in 2 s, so the source
     switches at the end of the first pass and says why."""
-    src = vms("src", memory="256M", ws_mib=0)
-    dst = vms("dst", memory="256M", incoming="defer")
-    src.wait_passes(1)
-    info = migrate(src, dst, caps=["events", "postcopy-ram"],
-                   params={"x-switchover-budget": 2000, "max-bandwidth": 200 << 20})
+    src, dst, info = _policy_migration(vms, "256M", 0, 1, {"x-switchover-budget": 2000, "max-bandwidth": 200 << 20})
     assert info["status"] == "completed", info
     reason = info["x-livemig-switchover-reason"]
     assert "budget 2.0 s" in reason and ("never converge" in reason or "need" in reason), reason
@@ -229,10 +230,7 @@ def test_policy_budget_switches_a_guest_that_cannot_converge(vms):
 
 
 def test_policy_budget_keeps_a_converging_guest_in_precopy(vms):
-    src = vms("src", memory="128M", ws_mib=8)
-    dst = vms("dst", memory="128M", incoming="defer")
-    src.wait_passes(2)
-    info = migrate(src, dst, caps=["events", "postcopy-ram"], params={"x-switchover-budget": 60000})
+    src, dst, info = _policy_migration(vms, "128M", 8, 2, {"x-switchover-budget": 60000})
     assert info["status"] == "completed", info
     assert "x-livemig-switchover-reason" not in info and info["ram"]["postcopy-bytes"] == 0, info
     assert_migrated(src, dst, 128 * MiB, 8)
