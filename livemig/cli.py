@@ -38,6 +38,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     _need_kvm()
     from .errors import MigrationError
     from .guest.image import make_image
+    from .machine.pvm_compat import PVM_CMDLINE
     from .machine.vm import KvmMachine
     from .monitor import VMProcess, install_signal_handlers
 
@@ -45,7 +46,21 @@ def cmd_vm(args: argparse.Namespace) -> int:
     if size % (2 << 20) or size < (2 << 20):
         print(f"livemig: --memory must be a multiple of 2 MiB (got {size} bytes)", file=sys.stderr)
         return 1
-    if args.boot_sector:
+    linux = args.machine == "linux" or (args.machine is None and bool(args.kernel))
+    if args.kernel and not linux:
+        print("livemig: --kernel needs --machine linux", file=sys.stderr)
+        return 1
+    if linux:
+        if not args.kernel and not args.incoming:
+            print("livemig: the Linux machine needs --kernel (or --incoming)", file=sys.stderr)
+            return 1
+        try:
+            kernel, initrd, append = _linux_boot_files(args)
+        except (OSError, MigrationError) as e:
+            print(f"livemig: {e}", file=sys.stderr)
+            return 1
+        image = b""
+    elif args.boot_sector:
         try:
             image = Path(args.boot_sector).read_bytes()[:512]
         except OSError as e:
@@ -66,12 +81,22 @@ def cmd_vm(args: argparse.Namespace) -> int:
             holder["proc"].on_fatal(msg)
 
     try:
-        machine = KvmMachine(size, args.serial, on_fatal=fatal, hugetlb=args.memory_backend == "hugetlb")
+        machine = KvmMachine(size, args.serial, on_fatal=fatal, hugetlb=args.memory_backend == "hugetlb",
+                             linux=linux)
     except (MigrationError, OSError) as e:
         print(f"livemig: cannot create the VM: {e}", file=sys.stderr)
         return 1
     if not args.incoming:
-        machine.load_boot_sector(image)
+        try:
+            if linux:
+                if machine.pvm:
+                    append = f"{append} {PVM_CMDLINE}"
+                machine.load_linux(kernel, initrd, append)
+            else:
+                machine.load_boot_sector(image)
+        except MigrationError as e:
+            print(f"livemig: {e}", file=sys.stderr)
+            return 1
     try:
         proc = VMProcess(machine, args.qmp, incoming=args.incoming, prealloc=args.incoming_prealloc == "on")
     except (MigrationError, OSError) as e:
@@ -88,6 +113,19 @@ def cmd_vm(args: argparse.Namespace) -> int:
     machine.close()
     sys.stdout.flush()
     os._exit(0)
+
+
+def _linux_boot_files(args: argparse.Namespace) -> tuple:
+    """(Kernel or None, initrd bytes, command line) from --kernel/--initrd/--append."""
+    from .guest.linux import DEFAULT_APPEND
+    from .machine.linux_boot import load_kernel
+
+    kernel = None
+    if args.kernel:
+        kernel = load_kernel(Path(args.kernel).read_bytes(), uncompressed=args.extract_vmlinux)
+    initrd = Path(args.initrd).read_bytes() if args.initrd else b""
+    append = DEFAULT_APPEND if args.append is None else args.append
+    return kernel, initrd, append
 
 
 # ----------------------------------------------------------------------------- migrate
@@ -402,6 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--prefill", action="store_true", help="built-in guest: touch all RAM once first")
     vm.add_argument("--memory-backend", choices=("ram", "hugetlb"), default="ram",
                     help="guest RAM: anonymous memory (THP) or 2 MiB hugetlb pages (reserve them first)")
+    vm.add_argument("--kernel", help="boot a Linux kernel (bzImage or ELF vmlinux) on the Linux machine")
+    vm.add_argument("--initrd", help="with --kernel: initial ramdisk")
+    vm.add_argument("--append", help="with --kernel: kernel command line (default: livemig.guest.linux.DEFAULT_APPEND)",
+                    default=None)
+    vm.add_argument("--extract-vmlinux", action="store_true",
+                    help="with a bzImage: boot the ELF vmlinux inside it (no in-guest decompression)")
+    vm.add_argument("--machine", choices=("bootsector", "linux"), default=None,
+                    help="machine type (default: linux with --kernel, else bootsector); an incoming "
+                         "Linux VM needs --machine linux or --kernel, like the source")
     vm.add_argument("--qmp", required=True, help="QMP socket: unix:PATH or tcp:127.0.0.1:PORT")
     vm.add_argument("--serial", default="null", help="UART backend: file:PATH, stdio, unix:PATH,server=on,wait=off, null")
     vm.add_argument("--incoming", help="wait for a migration: 'defer' or a URI")

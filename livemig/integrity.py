@@ -48,3 +48,23 @@ def check(src: np.ndarray | None, dst: np.ndarray) -> tuple[bool, str]:
             return False, why2
         return True, f"{why}; {why2}"
     return True, why
+
+
+def page_digests(path: str) -> np.ndarray:
+    """A 64-bit digest of every 4 KiB page of a dump (two independent sums of the page's words)."""
+    words = np.fromfile(path, dtype="<u8")
+    pages = words[: words.size // 512 * 512].reshape(-1, 512)
+    weights = (np.arange(1, 513, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    with np.errstate(over="ignore"):
+        return (pages * weights).sum(axis=1, dtype=np.uint64) ^ pages.sum(axis=1, dtype=np.uint64)
+
+
+def compare_pages(src: np.ndarray, dst: np.ndarray) -> tuple[bool, str]:
+    """Every page of the destination equals the source's (digests from ``page_digests``)."""
+    if src.shape != dst.shape:
+        return False, f"dump sizes differ ({src.size} vs {dst.size} pages)"
+    bad = np.flatnonzero(src != dst)
+    if bad.size:
+        return False, (f"{bad.size} of {src.size} pages differ, first at "
+                       f"{', '.join(hex(int(p) * PAGE) for p in bad[:4])}")
+    return True, f"all {src.size} pages identical"

@@ -79,17 +79,39 @@ def _cpu_fields() -> tuple[Field, ...]:
 
 CPU_VMSD = VMStateDescription("cpu", 1, _cpu_fields())
 
+# The Linux machine (in-kernel LAPIC) saves the whole vCPU: these subsections come on top.
+MAX_MSRS = 128
+CPU_FULL_SUBSECTIONS = (
+    VMStateDescription("cpu/tsc", 1, (Field("tsc_khz", "uint32"),)),
+    VMStateDescription("cpu/xsave", 1, (Field("xsave", "buffer", size=kvm.XSAVE_SIZE),)),
+    VMStateDescription("cpu/xcrs", 1, (Field("xcrs", "buffer", size=kvm.XCRS_SIZE),)),
+    VMStateDescription("cpu/debugregs", 1, (Field("debugregs", "buffer", size=kvm.DEBUGREGS_SIZE),)),
+    VMStateDescription("cpu/lapic", 1, (Field("lapic", "buffer", size=kvm.LAPIC_SIZE),)),
+    VMStateDescription("cpu/msrs", 1, (
+        Field("count", "uint32"),
+        Field("index", "uint32", count=MAX_MSRS),
+        Field("value", "uint64", count=MAX_MSRS),
+    )),
+)
+CPU_FULL_VMSD = VMStateDescription("cpu", 1, _cpu_fields(), CPU_FULL_SUBSECTIONS)
+
 
 class CpuState:
-    """The vCPU as a device: registers, special registers, FPU/SSE, a fixed MSR list, mp_state, events."""
+    """The vCPU as a device: registers, special registers, FPU/SSE, a fixed MSR list, mp_state, events.
+
+    ``msr_list`` (the host's KVM_GET_MSR_INDEX_LIST) makes it the full vCPU of the Linux machine:
+    TSC frequency, XSAVE, XCRs, debug registers, LAPIC and every listed MSR go in subsections, and
+    load follows the order that works (LAPIC before MSRs, events last)."""
 
     idstr = "cpu"
-    vmsd = CPU_VMSD
 
-    def __init__(self, vcpu: kvm.KvmVcpu, instance_id: int = 0) -> None:
+    def __init__(self, vcpu: kvm.KvmVcpu, instance_id: int = 0, msr_list: list[int] | None = None) -> None:
         self.vcpu = vcpu
         self.instance_id = instance_id
         self.halted = False  # set by the run loop on KVM_EXIT_HLT
+        self.msr_list = [i for i in (msr_list or ()) if i not in CPU_MSRS][:MAX_MSRS]
+        self.full = msr_list is not None
+        self.vmsd = CPU_FULL_VMSD if self.full else CPU_VMSD
 
     def save(self) -> dict[str, Any]:
         v = self.vcpu
@@ -116,10 +138,35 @@ class CpuState:
         d["msr_valid"] = [1 if i in msrs else 0 for i in CPU_MSRS]
         d["vcpu_events"] = bytes(v.get_vcpu_events())
         d["halted"] = 1 if self.halted else 0
+        if self.full:
+            self._save_full(d)
         return d
+
+    def _save_full(self, d: dict[str, Any]) -> None:
+        v = self.vcpu
+        d["cpu/tsc"] = {"tsc_khz": v.get_tsc_khz()}
+        d["cpu/xsave"] = {"xsave": v.get_xsave()}
+        d["cpu/xcrs"] = {"xcrs": v.get_xcrs()}
+        d["cpu/debugregs"] = {"debugregs": v.get_debugregs()}
+        d["cpu/lapic"] = {"lapic": v.get_lapic()}
+        msrs = list(v.get_msrs(self.msr_list).items())
+        pad = MAX_MSRS - len(msrs)
+        d["cpu/msrs"] = {"count": len(msrs), "index": [i for i, _ in msrs] + [0] * pad,
+                         "value": [x for _, x in msrs] + [0] * pad}
 
     def load(self, d: dict[str, Any]) -> None:
         v = self.vcpu
+        missing = [s.name for s in CPU_FULL_SUBSECTIONS if s.name not in d]
+        if self.full and missing:
+            raise GuestError(f"cpu: the stream lacks {', '.join(missing)}: the source is not a Linux "
+                             "machine (--kernel) but this destination is")
+        if not self.full and len(missing) < len(CPU_FULL_SUBSECTIONS):
+            raise GuestError("cpu: the stream carries a Linux machine's vCPU (LAPIC, XSAVE, MSR list) "
+                             "but this destination was not started with --kernel")
+        if self.full:
+            khz = int(d["cpu/tsc"]["tsc_khz"])
+            if khz and khz != v.get_tsc_khz():
+                v.set_tsc_khz(khz)
         v.set_mp_state(int(d["mp_state"]))
         v.set_regs({n: int(d[n]) for n in kvm.REG_NAMES})
         sr = bytearray(kvm.SREGS_SIZE)
@@ -136,13 +183,30 @@ class CpuState:
         v.set_fpu(kvm.FPU.pack(bytes(d["fpu_st"]), int(d["fpu_fcw"]), int(d["fpu_fsw"]), int(d["fpu_ftwx"]),
                                int(d["fpu_last_opcode"]), int(d["fpu_last_ip"]), int(d["fpu_last_dp"]),
                                bytes(d["fpu_xmm"]), int(d["fpu_mxcsr"])))
+        if self.full:
+            v.set_xsave(bytes(d["cpu/xsave"]["xsave"]))
+            v.set_xcrs(bytes(d["cpu/xcrs"]["xcrs"]))
+            v.set_debugregs(bytes(d["cpu/debugregs"]["debugregs"]))
+            v.set_lapic(bytes(d["cpu/lapic"]["lapic"]))  # before the MSRs: TSC_DEADLINE needs LVTT
         msrs = {}
         for idx, val, ok in zip(d["msr_index"], d["msr_value"], d["msr_valid"]):
             if ok:
                 msrs[int(idx)] = int(val)
+        if self.full:
+            m = d["cpu/msrs"]
+            n = int(m["count"])
+            if n > MAX_MSRS:
+                raise GuestError(f"cpu/msrs: count {n} > {MAX_MSRS}")
+            for idx, val in zip(m["index"][:n], m["value"][:n]):
+                msrs.setdefault(int(idx), int(val))
         if msrs:
             v.set_msrs(msrs)
-        v.set_vcpu_events(bytes(d["vcpu_events"]))
+        ev = bytearray(d["vcpu_events"])
+        if self.full:  # last, with NMI and SIPI state marked valid
+            flags = int.from_bytes(ev[kvm.EVENTS_FLAGS:kvm.EVENTS_FLAGS + 4], "little")
+            flags |= kvm.KVM_VCPUEVENT_VALID_NMI_PENDING | kvm.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+            ev[kvm.EVENTS_FLAGS:kvm.EVENTS_FLAGS + 4] = flags.to_bytes(4, "little")
+        v.set_vcpu_events(ev)
         self.halted = bool(d["halted"])
 
 

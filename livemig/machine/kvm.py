@@ -70,8 +70,32 @@ KVM_SET_VCPU_EVENTS = _iow(0xA0, 64)
 KVM_ENABLE_CAP = _iow(0xA3, 104)
 KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, 24)
 
+# in-kernel devices and the full vCPU state (the Linux machine)
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, 4)
+KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_IRQ_LINE = _iow(0x61, 8)
+KVM_GET_IRQCHIP = _iowr(0x62, 520)
+KVM_SET_IRQCHIP = _ior(0x63, 520)  # really _IOR in <linux/kvm.h>
+KVM_CREATE_PIT2 = _iow(0x77, 64)
+KVM_SET_CLOCK = _iow(0x7B, 48)
+KVM_GET_CLOCK = _ior(0x7C, 48)
+KVM_TRANSLATE = _iowr(0x85, 24)
+KVM_GET_LAPIC = _ior(0x8E, 1024)
+KVM_SET_LAPIC = _iow(0x8F, 1024)
+KVM_GET_PIT2 = _ior(0x9F, 112)
+KVM_SET_PIT2 = _iow(0xA0, 112)
+KVM_GET_DEBUGREGS = _ior(0xA1, 128)
+KVM_SET_DEBUGREGS = _iow(0xA2, 128)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, 4096)
+KVM_SET_XSAVE = _iow(0xA5, 4096)
+KVM_GET_XCRS = _ior(0xA6, 392)
+KVM_SET_XCRS = _iow(0xA7, 392)
+
 assert KVM_SET_USER_MEMORY_REGION == 0x4020AE46 and KVM_GET_SREGS == 0x8138AE83
 assert KVM_GET_DIRTY_LOG == 0x4010AE42 and KVM_CLEAR_DIRTY_LOG == 0xC018AEC0
+assert KVM_SET_IRQCHIP == 0x8208AE63 and KVM_GET_PIT2 == 0x8070AE9F and KVM_GET_VCPU_EVENTS == 0x8040AE9F
 
 # capabilities
 KVM_CAP_USER_MEMORY = 3
@@ -79,6 +103,27 @@ KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_IRQCHIP = 0
+KVM_CAP_PIT2 = 33
+KVM_CAP_XSAVE2 = 208
+
+KVM_PIT_SPEAKER_DUMMY = 1
+KVM_CLOCK_REALTIME = 1 << 2
+# kvm_irqchip chip ids
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+IRQCHIP_SIZE = 520  # u32 chip_id, u32 pad, 512 bytes of chip state
+XSAVE_SIZE = 4096
+LAPIC_SIZE = 1024
+PIT2_SIZE = 112
+CLOCK_SIZE = 48  # u64 clock, u32 flags, u32 pad0, u64 realtime, u64 host_tsc, u32 pad[4]
+XCRS_SIZE = 392
+DEBUGREGS_SIZE = 128
+# kvm_vcpu_events: exception {injected, nr, has_error_code, pending, u32 error_code}, ..., flags at 20
+EVENTS_FLAGS = 20
+KVM_VCPUEVENT_VALID_NMI_PENDING = 1
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 2
 
 # memory region flags
 KVM_MEM_LOG_DIRTY_PAGES = 1
@@ -255,6 +300,21 @@ class KvmSystem:
         (n,) = struct.unpack_from("<I", buf, 0)
         return buf[: 8 + n * CPUID_ENTRY_SIZE]
 
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
+        probe = bytearray(4)
+        try:
+            fcntl.ioctl(self.fd, KVM_GET_MSR_INDEX_LIST, probe, True)
+        except OSError as e:
+            if e.errno != errno.E2BIG:
+                raise _err("KVM_GET_MSR_INDEX_LIST", e.errno or 0) from None
+        (n,) = struct.unpack_from("<I", probe)
+        buf = bytearray(4 + 4 * n)
+        struct.pack_into("<I", buf, 0, n)
+        ioctl_buf(self.fd, KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+        (n,) = struct.unpack_from("<I", buf)
+        return list(struct.unpack_from(f"<{n}I", buf, 4))
+
     def create_vm(self) -> "KvmVm":
         fd = ioctl_int(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         return KvmVm(self, fd)
@@ -297,6 +357,45 @@ class KvmVm:
     def enable_cap(self, cap: int, *args: int) -> None:
         a = list(args) + [0] * (4 - len(args))
         ioctl_buf(self.fd, KVM_ENABLE_CAP, bytearray(ENABLE_CAP.pack(cap, 0, *a)), "KVM_ENABLE_CAP")
+
+    # -- in-kernel interrupt controllers, PIT and clock ------------------------------------
+    def create_irqchip(self) -> None:
+        ioctl_int(self.fd, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self, flags: int = KVM_PIT_SPEAKER_DUMMY) -> None:
+        ioctl_buf(self.fd, KVM_CREATE_PIT2, bytearray(struct.pack("<I60x", flags)), "KVM_CREATE_PIT2")
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ioctl_buf(self.fd, KVM_IRQ_LINE, bytearray(struct.pack("<II", irq, level)), "KVM_IRQ_LINE")
+
+    def get_irqchip(self, chip: int) -> bytes:
+        buf = bytearray(IRQCHIP_SIZE)
+        struct.pack_into("<I", buf, 0, chip)
+        ioctl_buf(self.fd, KVM_GET_IRQCHIP, buf, "KVM_GET_IRQCHIP")
+        return bytes(buf[8:])
+
+    def set_irqchip(self, chip: int, state: bytes) -> None:
+        buf = bytearray(struct.pack("<II", chip, 0) + bytes(state))
+        ioctl_buf(self.fd, KVM_SET_IRQCHIP, buf, "KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> bytes:
+        buf = bytearray(PIT2_SIZE)
+        ioctl_buf(self.fd, KVM_GET_PIT2, buf, "KVM_GET_PIT2")
+        return bytes(buf)
+
+    def set_pit2(self, state: bytes) -> None:
+        ioctl_buf(self.fd, KVM_SET_PIT2, bytearray(state), "KVM_SET_PIT2")
+
+    def get_clock(self) -> tuple[int, int]:
+        """(kvmclock ns, flags)."""
+        buf = bytearray(CLOCK_SIZE)
+        ioctl_buf(self.fd, KVM_GET_CLOCK, buf, "KVM_GET_CLOCK")
+        return struct.unpack_from("<QI", buf)
+
+    def set_clock(self, clock: int, flags: int = 0) -> None:
+        buf = bytearray(CLOCK_SIZE)
+        struct.pack_into("<QI", buf, 0, clock, flags)
+        ioctl_buf(self.fd, KVM_SET_CLOCK, buf, "KVM_SET_CLOCK")
 
     def create_vcpu(self, index: int = 0) -> "KvmVcpu":
         fd = ioctl_int(self.fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
@@ -410,6 +509,48 @@ class KvmVcpu:
 
     def set_vcpu_events(self, buf: bytes | bytearray) -> None:
         ioctl_buf(self.fd, KVM_SET_VCPU_EVENTS, bytearray(buf), "KVM_SET_VCPU_EVENTS")
+
+    def _get(self, req: int, size: int, what: str) -> bytes:
+        buf = bytearray(size)
+        ioctl_buf(self.fd, req, buf, what)
+        return bytes(buf)
+
+    def get_lapic(self) -> bytes:
+        return self._get(KVM_GET_LAPIC, LAPIC_SIZE, "KVM_GET_LAPIC")
+
+    def set_lapic(self, state: bytes) -> None:
+        ioctl_buf(self.fd, KVM_SET_LAPIC, bytearray(state), "KVM_SET_LAPIC")
+
+    def get_xsave(self) -> bytes:
+        return self._get(KVM_GET_XSAVE, XSAVE_SIZE, "KVM_GET_XSAVE")
+
+    def set_xsave(self, state: bytes) -> None:
+        ioctl_buf(self.fd, KVM_SET_XSAVE, bytearray(state), "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> bytes:
+        return self._get(KVM_GET_XCRS, XCRS_SIZE, "KVM_GET_XCRS")
+
+    def set_xcrs(self, state: bytes) -> None:
+        ioctl_buf(self.fd, KVM_SET_XCRS, bytearray(state), "KVM_SET_XCRS")
+
+    def get_debugregs(self) -> bytes:
+        return self._get(KVM_GET_DEBUGREGS, DEBUGREGS_SIZE, "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, state: bytes) -> None:
+        ioctl_buf(self.fd, KVM_SET_DEBUGREGS, bytearray(state), "KVM_SET_DEBUGREGS")
+
+    def get_tsc_khz(self) -> int:
+        return ioctl_int(self.fd, KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl_int(self.fd, KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
+    def translate(self, linear: int) -> int | None:
+        """Guest-physical address of a guest-virtual one under the current paging, or None."""
+        buf = bytearray(struct.pack("<QQ8x", linear, 0))
+        ioctl_buf(self.fd, KVM_TRANSLATE, buf, "KVM_TRANSLATE")
+        _, phys, valid = struct.unpack_from("<QQB", buf)
+        return phys if valid else None
 
     def set_cpuid2(self, cpuid: bytes | bytearray) -> None:
         ioctl_buf(self.fd, KVM_SET_CPUID2, bytearray(cpuid), "KVM_SET_CPUID2")

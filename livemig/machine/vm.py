@@ -22,7 +22,9 @@ import numpy as np
 from ..errors import GuestError
 from . import kvm
 from .chardev import open_chardev
+from . import linux_boot, pvm_compat
 from .devices import CmosRtc, CpuState, Port92, Serial16550
+from .kvm_devices import vm_devices
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -58,13 +60,19 @@ def install_kick_handler() -> None:
 
 class KvmMachine:
     def __init__(self, memory_size: int, serial: str = "null", *,
-                 on_fatal: Callable[[str], None] | None = None, hugetlb: bool = False) -> None:
+                 on_fatal: Callable[[str], None] | None = None, hugetlb: bool = False,
+                 linux: bool = False) -> None:
+        """``linux``: the machine for a Linux kernel: in-kernel PICs, IOAPIC, LAPIC and PIT, the
+        UART on IRQ 4, the whole vCPU state migrated, and the kvm_pvm fixups where needed."""
         if memory_size < 2 * MiB or memory_size % (2 * MiB):
             raise GuestError(f"memory size {memory_size} is not a multiple of 2 MiB >= 2 MiB")
         install_kick_handler()
         self.memory_size = memory_size
         self.on_fatal = on_fatal
         self.hugetlb = hugetlb
+        self.linux = linux
+        self.pvm = linux and pvm_compat.host_is_pvm()
+        self._fixups: pvm_compat.EmulationFixups | None = None
         self.page_size = HUGE_PAGE if hugetlb else 4096  # host page size of the RAM block
         self.lowmem_size = LOWMEM_SPLIT if memory_size >= LOWMEM_LIMIT else memory_size
         self.highmem_size = memory_size - self.lowmem_size
@@ -103,6 +111,9 @@ class KvmMachine:
         # both before creating a vCPU
         self._vm.set_tss_addr(TSS_ADDR)
         self._vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        if self.linux:  # before the vCPU, so it gets an in-kernel LAPIC
+            self._vm.create_irqchip()
+            self._vm.create_pit2()
 
         if self.hugetlb:
             try:  # 2 MiB hugetlb pages, like QEMU's memory-backend-memfd,hugetlb=on
@@ -128,16 +139,26 @@ class KvmMachine:
         self._set_slots(0)
 
         self._vcpu = self._vm.create_vcpu(0)
-        self._vcpu.set_cpuid2(self._system.supported_cpuid())
+        cpuid = self._system.supported_cpuid()
+        if self.pvm:
+            cpuid = pvm_compat.adjust_cpuid(cpuid)
+            self._fixups = pvm_compat.EmulationFixups(self._vcpu, self.read_guest)
+        self._vcpu.set_cpuid2(cpuid)
 
         self._chardev = open_chardev(serial)
-        self.cpu = CpuState(self._vcpu)
-        self.serial = Serial16550(self._chardev)
+        self.cpu = CpuState(self._vcpu, msr_list=self._system.msr_index_list() if self.linux else None)
+        irq = None
+        if self.linux:
+            vm = self._vm
+            irq = lambda level: vm.irq_line(4, level)  # noqa: E731 - ISA IRQ 4, as COM1
+        self.serial = Serial16550(self._chardev, irq_handler=irq)
         self.rtc = CmosRtc(self.lowmem_size, self.highmem_size)
         self.port92 = Port92(on_reset=self._reset_request)
-        self._devices = [self.cpu, self.serial, self.rtc, self.port92]
+        pio = [self.serial, self.rtc, self.port92]
+        # load order: in-kernel chips and clock, then the vCPU (LAPIC, MSRs), then the rest
+        self._devices = (vm_devices(self._vm) if self.linux else []) + [self.cpu] + pio
         self._ports: dict[int, object] = {}
-        for d in self._devices[1:]:
+        for d in pio:
             for p in d.ports:
                 self._ports[p] = d
 
@@ -155,6 +176,75 @@ class KvmMachine:
         if HIGH_BASE <= gpa < HIGH_BASE + self.highmem_size:
             return gpa - HIGH_BASE + self.lowmem_size
         raise GuestError(f"guest-physical address {gpa:#x} is not RAM")
+
+    def read_guest(self, gpa: int, n: int) -> bytes:
+        off = self.gpa_to_offset(gpa)
+        return bytes(self.ram[off:off + n])
+
+    def _write_guest(self, gpa: int, data: bytes) -> None:
+        off = self.gpa_to_offset(gpa)
+        if off + len(data) > self.memory_size or (off < self.lowmem_size < off + len(data)):
+            raise GuestError(f"{len(data)} bytes at {gpa:#x} do not fit in guest RAM")
+        self.ram[off:off + len(data)] = data
+
+    def load_linux(self, kernel: "linux_boot.Kernel", initrd: bytes = b"", cmdline: str = "") -> None:
+        """Put a kernel, initrd and command line in RAM and set the vCPU for the 64-bit boot protocol."""
+        if not self.linux:
+            raise GuestError("load_linux needs the Linux machine (linux=True)")
+        if self.running:
+            raise GuestError("load_linux while the guest runs")
+        cmd = cmdline.encode()
+        if b"\0" in cmd or len(cmd) >= linux_boot.CMDLINE_MAX:
+            raise GuestError("kernel command line is too long or holds a NUL byte")
+        for seg in kernel.segments:
+            if seg.paddr + seg.memsz > self.lowmem_size:
+                raise GuestError(f"kernel segment at {seg.paddr:#x} (+{seg.memsz:#x}) is beyond the "
+                                 f"{self.lowmem_size >> 20} MiB of low RAM")
+            self._write_guest(seg.paddr, seg.data)
+            if seg.memsz > len(seg.data):  # .bss: RAM is fresh (zero) unless reloaded
+                self._write_guest(seg.paddr + len(seg.data), bytes(seg.memsz - len(seg.data)))
+        initrd_addr = 0
+        if initrd:
+            initrd_addr = linux_boot.initrd_address(kernel, len(initrd), self.lowmem_size)
+            self._write_guest(initrd_addr, initrd)
+        self._write_guest(linux_boot.CMDLINE_ADDR, cmd + b"\0")
+        e820 = linux_boot.e820_map(self.lowmem_size, self.highmem_size, HIGH_BASE)
+        self._write_guest(linux_boot.BOOT_PARAMS_ADDR,
+                          linux_boot.boot_params(kernel, cmd, initrd_addr, len(initrd), e820))
+        for addr, table in linux_boot.page_tables().items():
+            self._write_guest(addr, table)
+        self._write_guest(linux_boot.GDT_ADDR, linux_boot.GDT)
+        self._enter_long_mode(kernel.entry)
+
+    def _enter_long_mode(self, entry: int) -> None:
+        v = self._vcpu
+        sr = v.get_sregs()
+        code = (0, 0xFFFFFFFF, linux_boot.BOOT_CS, 0x0B, 1, 0, 0, 1, 1, 1, 0, 0)  # type..unusable
+        data = (0, 0xFFFFFFFF, linux_boot.BOOT_DS, 0x03, 1, 0, 1, 1, 0, 1, 0, 0)
+        for i, name in enumerate(kvm.SEG_NAMES):
+            if name == "cs":
+                kvm.SEGMENT.pack_into(sr, i * kvm.SEGMENT.size, *code)
+            elif name in ("ds", "es", "fs", "gs", "ss"):
+                kvm.SEGMENT.pack_into(sr, i * kvm.SEGMENT.size, *data)
+            elif name == "tr":
+                kvm.SEGMENT.pack_into(sr, i * kvm.SEGMENT.size, 0, 0xFFFF, 0, 0x0B, 1, 0, 0, 0, 0, 0, 0, 0)
+        kvm.DTABLE.pack_into(sr, kvm.SREGS_GDT, linux_boot.GDT_ADDR, len(linux_boot.GDT) - 1)
+        kvm.DTABLE.pack_into(sr, kvm.SREGS_IDT, 0, 0)
+        ctrl = dict(cr0=0x80000011, cr2=0, cr3=linux_boot.PML4_ADDR, cr4=0x20, cr8=0, efer=0x500)
+        for i, n in enumerate(kvm.SREGS_CTRL_NAMES):
+            if n in ctrl:  # PE|ET|PG (caches on), PAE, LME|LMA; apic_base stays
+                struct.pack_into("<Q", sr, kvm.SREGS_CTRL + 8 * i, ctrl[n])
+        v.set_sregs(sr)
+        regs = dict.fromkeys(kvm.REG_NAMES, 0)
+        regs.update(rip=entry, rsi=linux_boot.BOOT_PARAMS_ADDR, rsp=0x8FF0, rflags=0x2)
+        v.set_regs(regs)
+        fpu = bytearray(kvm.FPU.size)
+        kvm.FPU.pack_into(fpu, 0, bytes(128), 0x37F, 0, 0, 0, 0, 0, bytes(256), 0x1F80)
+        v.set_fpu(fpu)
+        lapic = bytearray(v.get_lapic())
+        struct.pack_into("<I", lapic, 0x350, 0x700)  # LVT LINT0: ExtINT (the PIC's virtual wire)
+        struct.pack_into("<I", lapic, 0x360, 0x400)  # LVT LINT1: NMI
+        v.set_lapic(lapic)
 
     def load_boot_sector(self, image: bytes) -> None:
         """Put the first 512 bytes at 0x7c00 and set the BIOS hand-over state (real mode, 0:7c00, DL=0x80)."""
@@ -294,6 +384,11 @@ class KvmMachine:
         OUT = kvm.KVM_EXIT_IO_OUT
         cpu = self.cpu
         cv = self._cv
+        linux = self.linux
+        fixups = self._fixups
+        EXIT_MMIO = kvm.KVM_EXIT_MMIO
+        EXIT_INTERNAL = kvm.KVM_EXIT_INTERNAL_ERROR
+        mmio_unpack = kvm.RUN_MMIO.unpack_from
         while True:
             if cpu.halted:
                 # HLT with no interrupt source: idle until paused (or stopped); stays halted
@@ -339,6 +434,13 @@ class KvmMachine:
                 continue
             if reason == EXIT_HLT:
                 cpu.halted = True
+                continue
+            if reason == EXIT_MMIO and linux:  # nothing is mapped there: reads float high
+                addr, data, ln, wr = mmio_unpack(run, kvm.RUN_UNION)
+                if not wr:
+                    run[kvm.RUN_UNION + 8:kvm.RUN_UNION + 8 + min(ln, 8)] = b"\xff" * min(ln, 8)
+                continue
+            if reason == EXIT_INTERNAL and fixups is not None and fixups.handle(run):
                 continue
             self._fatal_from_vcpu(self._describe_exit(reason))
 

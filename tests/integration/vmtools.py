@@ -21,15 +21,19 @@ class VM:
     """One `livemig vm` process with a QMP connection."""
 
     def __init__(self, tmp: Path, name: str, memory: str = "128M", ws_mib: int = 16, prefill: bool = False,
-                 incoming: str | None = None, extra: list[str] | None = None, pass_fds: tuple = ()):
+                 incoming: str | None = None, extra: list[str] | None = None, pass_fds: tuple = (),
+                 boot: list[str] | None = None, serial: str | None = None):
+        """`boot` replaces the built-in boot sector (e.g. --kernel ...); `serial` the file backend."""
         self.tmp, self.name = tmp, name
         self.qmp_path = tmp / f"{name}.qmp"
         self.serial = tmp / f"{name}.serial"
         self.stderr_path = tmp / f"{name}.stderr"
-        img = tmp / f"{name}.img"
-        img.write_bytes(make_image(ws_mib, prefill))
-        cmd = [sys.executable, "-m", "livemig", "vm", "--memory", memory, "--boot-sector", str(img),
-               "--qmp", f"unix:{self.qmp_path}", "--serial", f"file:{self.serial}"]
+        if boot is None:
+            img = tmp / f"{name}.img"
+            img.write_bytes(make_image(ws_mib, prefill))
+            boot = ["--boot-sector", str(img)]
+        cmd = [sys.executable, "-m", "livemig", "vm", "--memory", memory, *boot,
+               "--qmp", f"unix:{self.qmp_path}", "--serial", serial or f"file:{self.serial}"]
         if incoming:
             cmd += ["--incoming", incoming]
         cmd += extra or []

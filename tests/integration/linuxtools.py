@@ -1,0 +1,113 @@
+"""Helpers for the Linux-guest tests: the guest files, kernel-log parsing, waits and page checks."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from livemig.guest.linux import prepare
+from livemig.integrity import compare_pages, page_digests
+
+from vmtools import VM
+
+GUEST_DIR = Path(os.environ.get("LIVEMIG_LINUX_GUEST_DIR", Path.home() / ".cache" / "livemig" / "linux-guest"))
+MEMORY = "128M"
+MEMORY_BYTES = 128 << 20
+PRINTK_TIME = re.compile(rb"^\[\s*(\d+\.\d+)\]", re.M)
+TROUBLE = (b"Oops", b"BUG:", b"Kernel panic", b"general protection fault", b"Call Trace", b"WARNING:")
+
+
+def guest_files() -> tuple[str, str]:
+    return prepare(GUEST_DIR)
+
+
+def linux_boot_args() -> list[str]:
+    vmlinux, initramfs = guest_files()
+    return ["--kernel", vmlinux, "--initrd", initramfs]
+
+
+def printk_times(out: bytes) -> list[float]:
+    return [float(m) for m in PRINTK_TIME.findall(out)]
+
+
+def wait_output(vm: VM, needle: bytes, timeout: float, start: int = 0) -> float:
+    """Wait until the console holds `needle` (at or after byte `start`); returns the wall time it took."""
+    t0 = time.monotonic()
+    while needle not in vm.output()[start:]:
+        assert vm.proc.poll() is None, f"{vm.name} exited: {vm.stderr()[-2000:]}"
+        assert time.monotonic() - t0 < timeout, (
+            f"{vm.name}: {needle!r} not on the console after {timeout:.0f} s; last lines:\n"
+            + "\n".join(vm.output().decode(errors='replace').splitlines()[-8:]) + f"\nstderr: {vm.stderr()[-2000:]}")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def assert_healthy(out: bytes, who: str) -> None:
+    for t in TROUBLE:
+        assert t not in out, f"{who}: kernel log shows {t!r}:\n{out.decode(errors='replace')[-3000:]}"
+
+
+def assert_log_continues(src_out: bytes, dst_out: bytes) -> None:
+    """The destination's kernel log carries on from the source's: no reboot, printk time goes on."""
+    assert b"Linux version" not in dst_out, "the kernel booted again on the destination"
+    src_t, dst_t = printk_times(src_out), printk_times(dst_out)
+    assert src_t and dst_t, (src_out[-500:], dst_out[-500:])
+    assert dst_t[0] >= src_t[-1] - 1e-6, f"printk time went back: source ended at {src_t[-1]}, destination began at {dst_t[0]}"
+    assert dst_t == sorted(dst_t), "printk time is not monotonic on the destination"
+
+
+def ram_digests(vm: VM) -> "object":
+    path = vm.tmp / f"{vm.name}.ram"
+    vm.cmd("pmemsave", val=0, size=MEMORY_BYTES, filename=str(path))
+    d = page_digests(str(path))
+    path.unlink()
+    return d
+
+
+def assert_same_ram(src: VM, dst: VM) -> str:
+    ok, why = compare_pages(ram_digests(src), ram_digests(dst))
+    assert ok, why
+    return why
+
+
+class Console:
+    """A client of a `--serial unix:PATH,server=on` console: copies what the guest prints into a
+    file (so ``VM.output()`` and ``wait_output`` work) and types into the guest."""
+
+    def __init__(self, sock_path: Path, copy_to: Path) -> None:
+        import socket
+        import threading
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(sock_path))
+                break
+            except OSError:
+                self.sock.close()
+                assert time.monotonic() < deadline, f"console {sock_path} does not accept"
+                time.sleep(0.05)
+        self.out = open(copy_to, "ab", buffering=0)
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.out.write(data)
+
+    def type(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            self.thread.join(2)
+            self.out.close()

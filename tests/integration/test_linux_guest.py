@@ -1,0 +1,134 @@
+"""A real Linux guest (Debian's kernel + a busybox initramfs) migrated live while it boots.
+
+One guest travels through the whole module, so the boot is paid once (minutes on kvm_pvm):
+source --precopy--> A --postcopy--> B --file:--> C. Each step checks that the kernel log
+carries on (no reboot, printk time continues, no oops) up to a later known line, that the
+source stays paused, and, where the destination can be held before it runs, that every page of
+guest RAM is identical. Select them with ``-m linux``.
+"""
+from __future__ import annotations
+
+import pytest
+
+from linuxtools import (MEMORY, Console, assert_healthy, assert_log_continues, assert_same_ram,
+                        linux_boot_args, wait_output)
+from vmtools import VM, migrate
+
+pytestmark = [pytest.mark.linux, pytest.mark.slow]
+
+EARLY_LINE = b"Linux version"
+# lines in boot order (kernel 6.1 on this machine), used as "later" milestones
+MID_BOOT = b"x86/fpu: x87 FPU will use FXSAVE"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The VMs of the module (closed at the end) and the one that holds the guest now."""
+    tmp = tmp_path_factory.mktemp("linux")
+    state = {"tmp": tmp, "vms": [], "current": None}
+    yield state
+    for vm in state["vms"]:
+        vm.close()
+    if state["vms"]:
+        import asyncio
+        state["vms"][0].qmp._aloop.close()
+        asyncio.set_event_loop(None)
+    for vm in state["vms"]:
+        assert "Traceback" not in vm.stderr(), f"{vm.name} printed a traceback:\n{vm.stderr()}"
+
+
+def _vm(chain, name: str, **kw) -> VM:
+    vm = VM(chain["tmp"], name, memory=MEMORY, **kw)
+    chain["vms"].append(vm)
+    return vm
+
+
+def _dest(chain, name: str, **kw) -> VM:
+    return _vm(chain, name, boot=["--machine", "linux"], incoming="defer", **kw)
+
+
+def _current(chain) -> VM:
+    vm = chain["current"]
+    if vm is None:
+        pytest.fail("an earlier step of the chain failed: no running Linux guest to migrate")
+    return vm
+
+
+def _handed_over(src: VM, dst: VM, later: bytes, timeout: float) -> None:
+    """The guest runs on `dst` and reaches `later`; `src` is paused and prints nothing more."""
+    assert src.cmd("query-status")["status"] == "postmigrate"
+    src_out = src.output()
+    wait_output(dst, later, timeout)
+    assert dst.cmd("query-status")["status"] == "running"
+    dst_out = dst.output()
+    assert_log_continues(src_out, dst_out)
+    assert_healthy(dst_out, dst.name)
+    assert src.output() == src_out, "the source guest ran after migration"
+
+
+def test_boot_prints_early_line(chain):
+    src = _vm(chain, "src", boot=linux_boot_args())
+    took = wait_output(src, EARLY_LINE, 180)
+    print(f"'{EARLY_LINE.decode()}' after {took:.1f} s")
+    chain["current"] = src
+
+
+def test_precopy_mid_boot(chain):
+    src = _current(chain)
+    wait_output(src, MID_BOOT, 600)
+    dst = _dest(chain, "a")
+    dst.cmd("stop")  # held after the migration, so that RAM can be compared page by page
+    info = migrate(src, dst)
+    assert info["status"] == "completed", info
+    dst.wait_status({"completed"}, timeout=30)
+    print(f"precopy: downtime {info.get('downtime')} ms, total {info.get('total-time')} ms, "
+          f"{info['ram']['transferred'] >> 20} MiB")
+    print(assert_same_ram(src, dst))
+    dst.cmd("cont")
+    _handed_over(src, dst, b"\n[", 60)  # the next kernel line
+    chain["current"] = dst
+
+
+def test_postcopy_mid_boot(chain):
+    src = _current(chain)
+    wait_output(src, POSTCOPY_AT, 600)
+    dst = _dest(chain, "b")
+    caps = [{"capability": c, "state": True} for c in ("events", "postcopy-ram")]
+    src.cmd("migrate-set-capabilities", capabilities=caps)
+    dst.cmd("migrate-set-capabilities", capabilities=caps + [{"capability": "postcopy-blocktime", "state": True}])
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 1})  # precopy alone cannot finish
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
+    src.cmd("migrate-start-postcopy")  # at once: nearly every page the kernel touches is demand-faulted
+    info = src.wait_status({"completed", "failed"}, timeout=300)
+    assert info["status"] == "completed", info
+    dinfo = dst.wait_status({"completed"}, timeout=60)
+    requests = info["ram"].get("postcopy-requests", 0)
+    print(f"postcopy: downtime {info.get('downtime')} ms, total {info.get('total-time')} ms, "
+          f"{requests} page requests, blocktime {dinfo.get('postcopy-blocktime')} ms")
+    assert requests > 0, "no page was demand-faulted: this was not a postcopy migration"
+    _handed_over(src, dst, POSTCOPY_LATER, 300)
+    chain["current"] = dst
+
+
+def test_save_to_file_and_load_in_fresh_process(chain):
+    src = _current(chain)
+    wait_output(src, FILE_AT, 600)
+    path = chain["tmp"] / "linux.vmstate"
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": False}])
+    src.cmd("migrate", uri=f"file:{path}")
+    info = src.wait_status({"completed", "failed"}, timeout=120)
+    assert info["status"] == "completed", info
+    print(f"saved {path.stat().st_size >> 20} MiB in {info.get('total-time')} ms")
+    dst = _dest(chain, "c", serial=f"unix:{chain['tmp'] / 'c.console'},server=on,wait=off")
+    dst.serial = chain["tmp"] / "c.serial-copy"
+    dst.cmd("stop")
+    dst.cmd("migrate-incoming", uri=f"file:{path}")
+    dst.wait_status({"completed"}, timeout=120)
+    print(assert_same_ram(src, dst))
+    console = Console(chain["tmp"] / "c.console", dst.serial)
+    chain["console"] = console
+    dst.cmd("cont")
+    _handed_over(src, dst, FILE_LATER, 300)
+    chain["current"] = dst
