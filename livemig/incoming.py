@@ -55,6 +55,9 @@ class Incoming:
         self.device_states: dict[tuple[str, int], dict] = {}
         self.pc: PostcopyDestination | None = None  # set by POSTCOPY_ADVISE
         self.running_guest = False  # POSTCOPY_RUN started the guest here
+        self.run_thread: threading.Thread | None = None  # mig/dst/run: loads the package's devices
+        self.run_error: str | None = None
+        self.run_lock = threading.Lock()
         self.vmdesc: bytes | None = None
         self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
         self.populate = True
@@ -401,12 +404,40 @@ class Incoming:
         if isinstance(ev, D.PostcopyRun):
             if self.pc is None or not self.pc.listening:
                 raise ProtocolError("POSTCOPY_RUN before POSTCOPY_LISTEN")
-            self._load_devices()
+            # Loading the vCPU can make KVM touch guest pages that have not arrived (the kvmclock
+            # and steal-time areas its MSRs point at): load on a thread of its own, as QEMU does,
+            # while this one goes on reading the stream that brings those pages.
+            self.run_thread = threading.Thread(target=self._postcopy_run, name="mig/dst/run", daemon=True)
+            self.run_thread.start()
+            return False
+        raise ProtocolError(f"unexpected {type(ev).__name__} in a precopy stream")
+
+    def _postcopy_run(self) -> None:
+        """mig/dst/run: the device state of the package, then the guest starts (POSTCOPY_RUN)."""
+        try:
+            self._load_devices(start=False)
+        except Exception as e:
+            self.run_error = f"loading the device state failed: {e}"
+            if self.chan is not None:
+                self.chan.shutdown()  # the loader stops and fails the migration with run_error
+            return
+        with self.run_lock:
+            if self.state.status != S.POSTCOPY_DEVICE:
+                return  # failed meanwhile: the guest must not start
+            if self.on_started:
+                self.on_started()
             self.running_guest = True
             self.emit("RESUME", None)
             self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)
-            return False
-        raise ProtocolError(f"unexpected {type(ev).__name__} in a precopy stream")
+
+    def _join_run_thread(self) -> None:
+        t = self.run_thread
+        if t is not None:
+            t.join(timeout=60)
+            if t.is_alive():
+                raise ProtocolError("the device state of the postcopy package did not load within 60 s")
+            if self.run_error:
+                raise ProtocolError(self.run_error)
 
     def _populate(self, first: int, n: int) -> None:
         """Allocate a run of fresh destination pages in one call (far cheaper than faulting them one by one)."""
@@ -426,7 +457,7 @@ class Incoming:
                                       self.received, self.nonzero, self.machine.vcpu_thread_ids)
         self.pc.advise()
 
-    def _load_devices(self) -> None:
+    def _load_devices(self, start: bool = True) -> None:
         m = self.machine
         for dev in m.devices():
             values = self.device_states.get((dev.idstr, dev.instance_id))
@@ -434,7 +465,7 @@ class Incoming:
                 raise ProtocolError(f"migration stream has no state for device '{dev.idstr}' {dev.instance_id}")
         for dev in m.devices():
             dev.load(self.device_states[(dev.idstr, dev.instance_id)])
-        if self.on_started:
+        if start and self.on_started:
             self.on_started()
 
     def _preempt_loop(self) -> None:
@@ -471,6 +502,7 @@ class Incoming:
 
     def _finish(self) -> None:
         if self.pc is not None and self.pc.listening:
+            self._join_run_thread()
             t = getattr(self, "preempt_thread", None)
             if t is not None:
                 if getattr(self, "preempt_chan", None) is None:
@@ -511,6 +543,8 @@ class Incoming:
             msg = f"internal error: {type(e).__name__}: {e}"
         if self.multifd_error:  # a receiver failed first; the main channel's error is its echo
             msg = self.multifd_error
+        if self.run_error:  # the device state failed to load; the loader's error is its echo
+            msg = self.run_error
         self.error = msg
         try:
             self._send_rp(RPW.shut(1))
@@ -518,8 +552,9 @@ class Incoming:
             pass
         self._close()
         self._close_listener()
-        self.state.set({S.SETUP, S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED,
-                        S.POSTCOPY_RECOVER}, S.FAILED)
+        with self.run_lock:
+            self.state.set({S.SETUP, S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED,
+                            S.POSTCOPY_RECOVER}, S.FAILED)
         if self.running_guest:
             # pages that never arrived must not read as zeros: keep userfaultfd registered (faulting
             # threads wait) and stop the vCPU; the process stays up with the guest's state

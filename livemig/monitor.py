@@ -82,6 +82,7 @@ class VMProcess:
         r("stop", self.q_stop)
         r("cont", self.q_cont)
         r("quit", self.q_quit)
+        r("x-livemig-query-hypervisor-areas", self.q_hypervisor_areas)
         r("pmemsave", self.q_pmemsave, {"val": ("int", True), "size": ("int", True), "filename": ("str", True)})
         r("migrate-set-capabilities", self.q_set_caps, {"capabilities": ("list", True)})
         r("query-migrate-capabilities", lambda a: self.opts.query_capabilities())
@@ -130,6 +131,15 @@ class VMProcess:
             self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
             self.shutdown()
         return AfterReply({}, bye)
+
+    def q_hypervisor_areas(self, args: dict) -> list:
+        """Guest memory KVM writes on its own (kvmclock, steal time, ...): a RAM comparison between
+        a source and its destination has to leave these bytes out. Only while the vCPU is stopped."""
+        with self.lock:
+            if self.machine.running:
+                raise QMPError("The vCPU must be stopped to read its paravirtual MSRs")
+            areas = self.machine.cpu.hypervisor_areas()
+        return [{"addr": a, "size": n, "name": name} for a, n, name in areas]
 
     def q_pmemsave(self, args: dict) -> None:
         val, size, filename = args["val"], args["size"], args["filename"]

@@ -95,6 +95,18 @@ CPU_FULL_SUBSECTIONS = (
 )
 CPU_FULL_VMSD = VMStateDescription("cpu", 1, _cpu_fields(), CPU_FULL_SUBSECTIONS)
 
+# KVM's paravirtual MSRs that point at guest memory: (MSR, address mask, bytes, name); bit 0 = on,
+# except for the wall clock, which KVM writes at the address as soon as the MSR is written
+PV_AREA_MSRS = (
+    (0x4B564D00, ~0x0, 12, "wall-clock"),     # MSR_KVM_WALL_CLOCK_NEW: pvclock_wall_clock
+    (0x11, ~0x0, 12, "wall-clock-legacy"),    # MSR_KVM_WALL_CLOCK
+    (0x4B564D01, ~0x1, 32, "kvmclock"),       # MSR_KVM_SYSTEM_TIME_NEW: pvclock_vcpu_time_info
+    (0x12, ~0x1, 32, "kvmclock-legacy"),      # MSR_KVM_SYSTEM_TIME
+    (0x4B564D03, ~0x3F, 64, "steal-time"),    # MSR_KVM_STEAL_TIME: kvm_steal_time
+    (0x4B564D02, ~0x3F, 64, "async-pf"),      # MSR_KVM_ASYNC_PF_EN: kvm_vcpu_pv_apf_data
+    (0x4B564D04, ~0x1, 4, "pv-eoi"),          # MSR_KVM_PV_EOI_EN
+)
+
 
 class CpuState:
     """The vCPU as a device: registers, special registers, FPU/SSE, a fixed MSR list, mp_state, events.
@@ -141,6 +153,18 @@ class CpuState:
         if self.full:
             self._save_full(d)
         return d
+
+    def hypervisor_areas(self) -> list[tuple[int, int, str]]:
+        """Guest memory that KVM itself writes for the guest's paravirtual features (kvmclock,
+        steal time, async PF, PV EOI), as the guest enabled them: (gpa, bytes, name). KVM rewrites
+        these when a vCPU's state is loaded, so they differ between a source and its destination."""
+        vals = self.vcpu.get_msrs([m for m, _, _, _ in PV_AREA_MSRS])
+        out = []
+        for msr, mask, size, name in PV_AREA_MSRS:
+            v = vals.get(msr, 0)
+            if v and (v & 1 or name.startswith("wall-clock")):
+                out.append((v & mask, size, name))
+        return out
 
     def _save_full(self, d: dict[str, Any]) -> None:
         v = self.vcpu

@@ -17,8 +17,13 @@ from vmtools import VM, migrate
 pytestmark = [pytest.mark.linux, pytest.mark.slow]
 
 EARLY_LINE = b"Linux version"
-# lines in boot order (kernel 6.1 on this machine), used as "later" milestones
-MID_BOOT = b"x86/fpu: x87 FPU will use FXSAVE"
+# where each hop happens and the later line its destination must reach (kernel 6.1, boot order)
+PRECOPY_AT = b"x86/fpu: x87 FPU will use FXSAVE"  # timer interrupts on, before SMP alternatives
+PRECOPY_LATER = b"Freeing SMP alternatives memory"
+POSTCOPY_AT = PRECOPY_LATER
+POSTCOPY_LATER = b"smp: Brought up 1 node"
+FILE_AT = b"devtmpfs: initialized"
+FILE_LATER = b"NET: Registered PF_NETLINK"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +32,8 @@ def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("linux")
     state = {"tmp": tmp, "vms": [], "current": None}
     yield state
+    if "console" in state:
+        state["console"].close()
     for vm in state["vms"]:
         vm.close()
     if state["vms"]:
@@ -75,7 +82,7 @@ def test_boot_prints_early_line(chain):
 
 def test_precopy_mid_boot(chain):
     src = _current(chain)
-    wait_output(src, MID_BOOT, 600)
+    wait_output(src, PRECOPY_AT, 600)
     dst = _dest(chain, "a")
     dst.cmd("stop")  # held after the migration, so that RAM can be compared page by page
     info = migrate(src, dst)
@@ -85,7 +92,7 @@ def test_precopy_mid_boot(chain):
           f"{info['ram']['transferred'] >> 20} MiB")
     print(assert_same_ram(src, dst))
     dst.cmd("cont")
-    _handed_over(src, dst, b"\n[", 60)  # the next kernel line
+    _handed_over(src, dst, PRECOPY_LATER, 300)
     chain["current"] = dst
 
 
