@@ -212,7 +212,8 @@ class Incoming:
                     chans[cid] = ch
                 else:
                     ch.close()
-                    raise ProtocolError(f"unknown migration channel (starts with {magic.hex()})")
+                    hint = " (a TLS handshake: the source uses TLS; set tls-creds here too)" if magic[:2] == b"\x16\x03" else ""
+                    raise ProtocolError(f"unknown migration channel (starts with {magic.hex()}){hint}")
         except Exception as e:
             for c in list(chans.values()) + [ch]:
                 if c is not None and c is not self.chan:
