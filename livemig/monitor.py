@@ -243,6 +243,8 @@ class VMProcess:
                 out = self.outgoing
                 if out is None or out.state.status != S.POSTCOPY_PAUSED:
                     raise QMPError("Cannot resume if there is no paused migration")
+                if out.tls is not None:  # as QEMU: the parameter in force when connecting
+                    out.tls.hostname = self.opts.param("tls-hostname")
                 try:
                     out.resume(parse_uri(self._uri_arg(args)))
                 except (TransportError, MigrationError) as e:

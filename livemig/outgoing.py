@@ -1059,6 +1059,9 @@ class Outgoing:
                     if self.shut_value is None and self.state.status not in S.FINISHED:
                         self.rp_io = True
                         self.rp_error = "destination closed the return path before completion"
+                        if not self.pongs and self.tls is None:
+                            self.rp_error += (" (it never answered: see its error; a destination with tls-creds "
+                                              "set refuses a plaintext source)")
                     break
                 dec.feed(data)
                 while (msg := dec.next_message()) is not None:

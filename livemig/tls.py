@@ -186,7 +186,8 @@ def describe_ssl_error(e: ssl.SSLError) -> str:
         return "the peer closed the connection (is the peer using TLS?)"
     if "ALERT_" in reason:
         alert = reason.split("ALERT_", 1)[1].lower().replace("_", " ")
-        return f"the peer refused the connection (TLS alert: {alert})"
+        what = "our certificate" if "certificate" in alert or alert == "unknown ca" else "the connection"
+        return f"the peer refused {what} (TLS alert: {alert})"
     if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return "the peer sent no certificate (verify-peer=on here: the client needs client-cert.pem)"
     if reason in _NOT_TLS:
@@ -313,7 +314,7 @@ class TlsChannel(Channel):
                 data = self._out.read()
         except ssl.SSLError as e:
             self._send_lock.release()
-            raise TlsError(f"migration connection failed while sending: TLS: {describe_ssl_error(e)}") from None
+            raise TlsError(f"TLS: {describe_ssl_error(e)}") from None
         except BaseException:
             self._send_lock.release()
             raise
@@ -365,7 +366,7 @@ class TlsChannel(Channel):
                         error = TransportError("the migration connection was cut (closed without TLS close_notify)")
                 except ssl.SSLError as e:
                     n = 0
-                    error = TlsError(f"migration connection failed while receiving: TLS: {describe_ssl_error(e)}")
+                    error = TlsError(f"TLS: {describe_ssl_error(e)}")
                 out = self._take_output()
             if out is not None:
                 try:
