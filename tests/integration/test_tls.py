@@ -69,14 +69,28 @@ def _refused(src, dst) -> tuple[str, str]:
     return sinfo["error-desc"], dinfo["error-desc"]
 
 
-def _start(src, dst, uri="tcp:127.0.0.1:0", caps=("events",)):
+def _start(src, dst, uri="tcp:127.0.0.1:0", caps=("events",), via: str | None = None):
     capabilities = [{"capability": c, "state": True} for c in caps]
     src.cmd("migrate-set-capabilities", capabilities=capabilities)
     dst.cmd("migrate-set-capabilities", capabilities=capabilities)
     dst.cmd("migrate-incoming", **{"uri": uri, "exit-on-error": False})
     if uri.endswith(":0"):
         uri = f"tcp:127.0.0.1:{dst.cmd('query-migrate')['socket-address'][0]['port']}"
-    src.cmd("migrate", uri=uri)
+    src.cmd("migrate", uri=via or uri)
+
+
+def _assert_encrypted(relay: Relay, connections: int, guest_image: Path) -> None:
+    """Every connection the relay forwarded starts with a TLS handshake both ways, and nothing
+    of the migration shows in clear: not the QEVM magic, the RAM block name (in page records,
+    page requests, RECV_BITMAP), the multifd magic, the device descriptions or the guest's boot
+    sector (in guest RAM)."""
+    seen = [bytes(b) for b in relay.seen]
+    assert len(seen) == 2 * connections, [len(b) for b in seen]
+    boot_sector = guest_image.read_bytes()[:64]
+    for i, data in enumerate(seen):
+        assert data[:2] == b"\x16\x03", f"connection {i // 2} does not start with a TLS handshake"
+        for secret in (b"QEVM", b"pc.ram", WM.MAGIC.to_bytes(4, "big"), boot_sector, b'"vmsd_name"'):
+            assert secret not in data, f"{secret!r} in clear on connection {i // 2}"
 
 
 # --------------------------------------------------------------------- migrations over TLS
@@ -112,20 +126,17 @@ def test_multifd_over_tls_and_the_wire_is_encrypted(vms, pki, tmp_path):
     assert info["ram"]["multifd-bytes"] > 64 * MiB, info
     assert_migrated(src, dst, 128 * MiB, 16)
     relay.close()
-    seen = [bytes(b) for b in relay.seen]
-    assert len(seen) == 6, [len(b) for b in seen]  # main + 2 multifd, each way
-    assert sum(len(b) for b in seen) > info["ram"]["transferred"]  # all of it went through here
-    boot_sector = (tmp_path / "src.img").read_bytes()[:512]
-    for i, data in enumerate(seen):
-        assert data[:2] == b"\x16\x03", f"connection {i // 2} does not start with a TLS handshake"
-        for secret in (b"QEVM", b"pc.ram", WM.MAGIC.to_bytes(4, "big"), boot_sector[:64], b'"vmsd_name"'):
-            assert secret not in data, f"{secret!r} in clear on connection {i // 2}"
+    assert sum(len(b) for b in relay.seen) > info["ram"]["transferred"]  # all of it went through here
+    _assert_encrypted(relay, 3, tmp_path / "src.img")  # main + 2 multifd
 
 
-def test_postcopy_with_preempt_over_tls(vms, pki):
+def test_postcopy_with_preempt_over_tls(vms, pki, tmp_path):
+    """Through a recording relay: the main and the preempt connection are both TLS."""
     src, dst = _pair(vms, pki, ws_mib=0, prefill=False)
+    src.cmd("migrate-set-parameters", **{"tls-hostname": "localhost"})
+    relay = Relay(tmp_path / "relay.sock", str(tmp_path / "dst.sock"), record=True)
     src.wait_passes(1)
-    _start(src, dst, caps=("events", "postcopy-ram", "postcopy-preempt"))
+    _start(src, dst, f"unix:{tmp_path}/dst.sock", ("events", "postcopy-ram", "postcopy-preempt"), via=relay.uri)
     src.wait_status({"active"})
     while src.cmd("query-migrate")["ram"]["dirty-sync-count"] < 2:
         time.sleep(0.02)
@@ -134,12 +145,14 @@ def test_postcopy_with_preempt_over_tls(vms, pki):
     assert info["status"] == "completed", info
     assert info["ram"]["postcopy-bytes"] > 0, info
     assert_migrated(src, dst, 128 * MiB, 0)
+    relay.close()
+    _assert_encrypted(relay, 2, tmp_path / "src.img")
 
 
 def test_postcopy_recovery_over_tls(vms, pki, tmp_path):
     """The connections (main and preempt) are cut after the switch; the new ones of the
-    recovery are TLS too, the host name for the unix: recovery address coming from tls-hostname
-    set while paused."""
+    recovery are TLS too (a recording relay in front of the recovery address), the host name for
+    the unix: address coming from tls-hostname set while paused."""
     src, dst = _pair(vms, pki, ws_mib=0, prefill=False)
     src.wait_passes(1)
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20})
@@ -153,17 +166,19 @@ def test_postcopy_recovery_over_tls(vms, pki, tmp_path):
     src.cmd("migrate-pause")
     src.wait_status({"postcopy-paused"}, timeout=30)
     dst.wait_status({"postcopy-paused"}, timeout=30)
-    uri = f"unix:{tmp_path}/recover.sock"
-    dst.cmd("migrate-recover", uri=uri)
+    dst.cmd("migrate-recover", uri=f"unix:{tmp_path}/recover.sock")
+    relay = Relay(tmp_path / "relay.sock", str(tmp_path / "recover.sock"), record=True)
     with pytest.raises(ExecuteError, match="No hostname for certificate validation"):
-        src.cmd("migrate", uri=uri, resume=True)
+        src.cmd("migrate", uri=relay.uri, resume=True)
     src.cmd("migrate-set-parameters", **{"tls-hostname": "localhost", "max-postcopy-bandwidth": 0})
-    src.cmd("migrate", uri=uri, resume=True)
+    src.cmd("migrate", uri=relay.uri, resume=True)
     info = src.wait_status({"completed", "failed"})
     assert info["status"] == "completed", info
     statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
     assert "postcopy-recover" in statuses, statuses
     assert_migrated(src, dst, 128 * MiB, 0)
+    relay.close()
+    _assert_encrypted(relay, 2, tmp_path / "src.img")  # the recovery's main and preempt connections
 
 
 # --------------------------------------------------------------------- refusals
