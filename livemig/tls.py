@@ -258,12 +258,18 @@ class TlsChannel(Channel):
             self.sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + DRAIN_S
             while (left := deadline - time.monotonic()) > 0:
-                if not select.select([self.sock], [], [], left)[0] or not self.sock.recv(CHUNK):
+                if not self._readable(left) or not self.sock.recv(CHUNK):
                     return
         except OSError:
             return
 
     # -- raw socket I/O (outside _lock)
+    def _readable(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the socket to be readable (poll: no FD_SETSIZE limit)."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(max(int(timeout * 1000), 1)))
+
     def _recv_raw(self, deadline: float | None, timeout_msg: str = "") -> memoryview | None:
         """Ciphertext from the socket: b'' at EOF; with a deadline, TransportError when it passes;
         with deadline -1, None at once if nothing is waiting."""
@@ -272,7 +278,7 @@ class TlsChannel(Channel):
             flags = socket.MSG_DONTWAIT
         elif deadline is not None:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+            if left <= 0 or not self._readable(left):
                 raise TransportError(timeout_msg)
         try:
             n = self.sock.recv_into(self._rbuf, CHUNK, flags)

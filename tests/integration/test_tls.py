@@ -6,6 +6,7 @@ side, a certificate from another CA on either side, bad parameters)."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -104,6 +105,27 @@ def test_precopy_over_tls(vms, pki):
     info = migrate(src, dst)
     assert info["status"] == "completed", info
     assert_migrated(src, dst, 128 * MiB, 16)
+
+
+def test_fd_transport_over_tls(vms, pki):
+    """fd: sockets (one socket pair, an end handed to each process): TLS with the host name from
+    tls-hostname, since an fd carries none."""
+    a, b = socket.socketpair()
+    src = vms("src", memory="64M", ws_mib=8, extra=_obj(pki["client"], "client"), pass_fds=(a.fileno(),))
+    dst = vms("dst", memory="64M", incoming="defer", extra=_obj(pki["server"], "server"), pass_fds=(b.fileno(),))
+    fa, fb = a.fileno(), b.fileno()  # pass_fds keeps the numbers
+    a.close(), b.close()
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-incoming", uri=f"fd:{fb}")
+    with pytest.raises(ExecuteError, match="No hostname for certificate validation"):
+        src.cmd("migrate", uri=f"fd:{fa}")
+    src.cmd("migrate-set-parameters", **{"tls-hostname": "localhost"})
+    src.wait_passes(1)
+    src.cmd("migrate", uri=f"fd:{fa}")
+    info = src.wait_status({"completed", "failed"})
+    assert info["status"] == "completed", info
+    assert_migrated(src, dst, 64 * MiB, 8)
 
 
 def test_multifd_over_tls_and_the_wire_is_encrypted(vms, pki, tmp_path):
