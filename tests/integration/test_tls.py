@@ -275,3 +275,17 @@ def test_parameters_objects_and_their_errors(vms, pki, tmp_path):
                           "--object", f"tls-creds-x509,id=t,dir={tmp_path},endpoint=server"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "Unable to access credentials" in bad.stderr, bad.stderr
+
+
+def test_migrate_command_with_tls(vms, pki):
+    """`livemig migrate --tls-creds ID` sets tls-creds on both sides (and tls-hostname)."""
+    src, dst = _pair(vms, pki, memory="64M", ws_mib=8, src_tls=False, dst_tls=False)
+    src.wait_passes(1)
+    out = subprocess.run([sys.executable, "-m", "livemig", "migrate", "--from", f"unix:{src.qmp_path}",
+                          "--to", f"unix:{dst.qmp_path}", "--tls-creds", "tls0", "--tls-hostname", "127.0.0.1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "completed" in out.stdout
+    assert src.cmd("query-migrate-parameters")["tls-hostname"] == "127.0.0.1"
+    assert dst.cmd("query-migrate-parameters")["tls-creds"] == "tls0"
+    assert_migrated(src, dst, 64 * MiB, 8)
