@@ -203,8 +203,9 @@ class TlsChannel(Channel):
     is held by a writer from encryption until its records are on the socket, so records leave in
     the order they were made (a writer takes it before `_lock`, never while holding `_lock`);
     `_recv_lock` admits one reader at a time.
-    Ciphertext the read side makes (post-handshake messages) is sent if the send lock is free, or
-    left in the BIO for the next send: a reader never waits for a writer stuck on a full socket.
+    Ciphertext the read side makes (post-handshake messages, the answer to close_notify) is sent
+    without blocking if the send lock is free, else left for the next send: a reader never waits
+    for a writer, nor for the peer to read.
     A connection the peer cuts without close_notify is an error, except after our own shutdown()."""
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
@@ -220,6 +221,7 @@ class TlsChannel(Channel):
         self._rbuf = bytearray(CHUNK)
         self._aborted = False
         self._deferred: TransportError | None = None  # a read error that follows bytes already returned
+        self._unsent = b""  # ciphertext of the read side that did not fit the socket yet (under _send_lock)
         self._handshake(server_side, timeout)
 
     # -- handshake (one thread, before the channel is shared)
@@ -291,16 +293,34 @@ class TlsChannel(Channel):
         return memoryview(self._rbuf)[:n]
 
     def _take_output(self) -> bytes | None:
-        """Under _lock (so never waiting for the send lock): ciphertext the read side made, with
-        the send lock taken to send it; None if a writer has the send lock (it, or the next
-        writer, sends it ahead of its own records)."""
-        if self._out.pending and self._send_lock.acquire(blocking=False):
+        """Under _lock: ciphertext the read side made (or left unsent before), with the send lock
+        taken to send it; None if there is none or a writer has the send lock (the writer, or the
+        next one, sends it ahead of its own records)."""
+        if (self._out.pending or self._unsent) and self._send_lock.acquire(blocking=False):
             return self._out.read()
         return None
 
-    def _send_taken(self, data: bytes) -> None:
-        """Send what _take_output returned, then let the next sender go."""
+    def _send_output_nowait(self, data: bytes) -> None:
+        """Send what _take_output returned without blocking (a reader must never wait for the
+        peer to read); what does not fit now goes first with the next send. Releases the send lock."""
         try:
+            data = self._unsent + data
+            try:
+                n = self.sock.send(data, socket.MSG_DONTWAIT) if data else 0
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                n = len(data)  # the write side is broken: the next send says so
+            self._unsent = data[n:]
+        finally:
+            self._send_lock.release()
+
+    def _send_taken(self, data: bytes) -> None:
+        """A writer's ciphertext (after any left by the read side), then let the next sender go."""
+        try:
+            if self._unsent:
+                self.sock.sendall(self._unsent)
+                self._unsent = b""
             self.sock.sendall(data)
         except OSError as e:
             raise TransportError(f"migration connection failed while sending: {e.strerror or e}") from None
@@ -375,10 +395,7 @@ class TlsChannel(Channel):
                     error = TlsError(f"TLS: {describe_ssl_error(e)}")
                 out = self._take_output()
             if out is not None:
-                try:
-                    self._send_taken(out)
-                except TransportError:
-                    pass  # the write side is broken: the next send says so
+                self._send_output_nowait(out)
             if error is not None:
                 if not total:
                     raise error
@@ -458,7 +475,8 @@ class TlsChannel(Channel):
                     self._ssl.unwrap()
                 except ssl.SSLError:
                     pass  # close_notify is written; the peer's own is not awaited
-                data = self._out.read()
+                data = self._unsent + self._out.read()
+                self._unsent = b""
             try:
                 self.sock.sendall(data)
             except OSError:
@@ -476,7 +494,7 @@ class TlsChannel(Channel):
                             self._ssl.unwrap()
                         except (ssl.SSLError, ValueError):
                             pass
-                        data = self._out.read()
+                        data = self._unsent + self._out.read()
                         if data:
                             self.sock.send(data, socket.MSG_DONTWAIT)
                     except OSError:
