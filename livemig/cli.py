@@ -59,6 +59,9 @@ def cmd_vm(args: argparse.Namespace) -> int:
         image = make_image(args.ws_mib, args.prefill)
     try:  # as QEMU: credentials are loaded and checked at start-up
         objects = [parse_object(spec) for spec in args.object]
+        ids = [o.id for o in objects]
+        for dup in {i for i in ids if ids.count(i) > 1}:
+            raise MigrationError(f"attempt to add duplicate property '{dup}' to object (type 'container')")
     except MigrationError as e:
         print(f"livemig: --object: {e}", file=sys.stderr)
         return 1
