@@ -41,6 +41,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     from .machine.pvm_compat import PVM_CMDLINE
     from .machine.vm import KvmMachine
     from .monitor import VMProcess, install_signal_handlers
+    from .tls import parse_object
 
     size = args.memory
     if size % (2 << 20) or size < (2 << 20):
@@ -71,6 +72,14 @@ def cmd_vm(args: argparse.Namespace) -> int:
             return 1
     else:
         image = make_image(args.ws_mib, args.prefill)
+    try:  # as QEMU: credentials are loaded and checked at start-up
+        objects = [parse_object(spec) for spec in args.object]
+        ids = [o.id for o in objects]
+        for dup in {i for i in ids if ids.count(i) > 1}:
+            raise MigrationError(f"attempt to add duplicate property '{dup}' to object (type 'container')")
+    except MigrationError as e:
+        print(f"livemig: --object: {e}", file=sys.stderr)
+        return 1
     # Threads hand the GIL over every 5 ms by default: far too long for a page request that has to
     # go from the fault thread to the wire, or from the return-path thread to the migration thread.
     sys.setswitchinterval(float(os.environ.get("LIVEMIG_SWITCH_INTERVAL", "0.0002")))
@@ -98,7 +107,8 @@ def cmd_vm(args: argparse.Namespace) -> int:
             print(f"livemig: {e}", file=sys.stderr)
             return 1
     try:
-        proc = VMProcess(machine, args.qmp, incoming=args.incoming, prealloc=args.incoming_prealloc == "on")
+        proc = VMProcess(machine, args.qmp, incoming=args.incoming, prealloc=args.incoming_prealloc == "on",
+                         objects=objects)
     except (MigrationError, OSError) as e:
         print(f"livemig: cannot serve QMP on {args.qmp}: {e}", file=sys.stderr)
         return 1
@@ -147,14 +157,17 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
                   downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0,
                   postcopy: bool = False, preempt: bool = False, multifd: int = 0,
                   policy: dict | None = None, report: str | None = None, via: str | None = None,
-                  postcopy_now: bool = False) -> dict:
+                  postcopy_now: bool = False, tls_creds: str | None = None, tls_hostname: str | None = None) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides.
 
     `postcopy` without a `policy` switches after the first full pass, as QEMU's tests do; a
     `policy` ({"x-switchover-budget": ms} and/or {"x-postcopy-after-passes": n}) lets the source
     decide. `report` is a directory for the timeline JSON and plot. `via` is the URI the source
     connects to when it differs from the one the destination listens on (a relay between them).
-    `postcopy_now` switches to postcopy right after `migrate` (almost every page demand-faulted)."""
+    `postcopy_now` switches to postcopy right after `migrate` (almost every page demand-faulted).
+    `tls_creds`: the id of the tls-creds-x509 objects (endpoint=client on the source,
+    endpoint=server on the destination); every connection is TLS; `tls_hostname` is the name the
+    destination's certificate must carry (default: the host of the tcp: URI)."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -184,6 +197,9 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     params.update(policy or {})
     if params:
         src.cmd("migrate-set-parameters", **params)
+    # set (or clear) TLS on both sides, like the capabilities
+    dst.cmd("migrate-set-parameters", **{"tls-creds": tls_creds or ""})
+    src.cmd("migrate-set-parameters", **{"tls-creds": tls_creds or "", "tls-hostname": tls_hostname or ""})
     uri = uri or f"tcp:127.0.0.1:{_free_port()}"
     dst.cmd("migrate-incoming", uri=uri)
     if uri.startswith("tcp:") and uri.endswith(":0"):
@@ -295,7 +311,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         result = run_migration(args.src, args.dst, args.uri, args.max_bandwidth, args.downtime_limit,
                                postcopy=args.postcopy, preempt=args.preempt, multifd=args.multifd,
-                               policy=_policy(args), report=args.report)
+                               policy=_policy(args), report=args.report, tls_creds=args.tls_creds,
+                               tls_hostname=args.tls_hostname)
     except MigrationError as e:
         print(f"livemig: {e}", file=sys.stderr)
         return 1
@@ -316,7 +333,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-demo-"))
     print(f"livemig demo ({'postcopy' if args.postcopy or _policy(args) else 'precopy'}): {_fmt_bytes(args.memory)} guest dirtying "
           f"{'all RAM' if not args.ws_mib else f'{args.ws_mib} MiB'} (work dir {tmp})")
-    procs = start_vms(tmp, make_image(args.ws_mib, args.prefill), f"{args.memory >> 20}M", quiet=False)
+    extra = None
+    if args.tls:
+        from .tls import make_test_pki
+        pki = make_test_pki(tmp / "pki")  # a throw-away CA: both endpoints' files in one directory
+        extra = {side: ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint={ep}"]
+                 for side, ep in (("src", "client"), ("dst", "server"))}
+        print(f"TLS on every connection (throw-away CA in {pki})")
+    procs = start_vms(tmp, make_image(args.ws_mib, args.prefill), f"{args.memory >> 20}M", quiet=False,
+                      extra=extra)
     rc = 1
     try:
         wait_workload(tmp, procs[0], 1)
@@ -324,7 +349,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None,
                                args.max_bandwidth, args.downtime_limit, postcopy=args.postcopy,
                                preempt=args.preempt, multifd=args.multifd, policy=_policy(args),
-                               report=args.report)
+                               report=args.report, tls_creds="tls0" if args.tls else None)
         integrity = None
         if result["source"].get("status") == "completed":
             integrity = verify_migrated(tmp, args.memory, args.ws_mib)
@@ -340,19 +365,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def start_vms(tmp: Path, image: bytes, memory: str, wrap: dict[str, list[str]] | None = None,
-              quiet: bool = True) -> list[subprocess.Popen]:
+              quiet: bool = True, extra: dict[str, list[str]] | None = None) -> list[subprocess.Popen]:
     """A source VM running `image` and a destination waiting for it (`--incoming defer`), with QMP
     on unix:{tmp}/src.qmp, dst.qmp and serial logs src.log, dst.log; `wrap` prefixes a side's
-    command (e.g. `ip netns exec NS`). Returns [src, dst] once both answer QMP."""
+    command (e.g. `ip netns exec NS`), `extra` adds options (e.g. `--object ...`). Returns
+    [src, dst] once both answer QMP."""
     from .errors import MigrationError
     from .qmpclient import QMPClient
 
     (tmp / "guest.img").write_bytes(image)
     base = [sys.executable, "-m", "livemig", "vm", "--memory", memory, "--boot-sector", str(tmp / "guest.img")]
     procs = []
-    for name, extra in (("src", []), ("dst", ["--incoming", "defer"])):
+    for name, opts in (("src", []), ("dst", ["--incoming", "defer"])):
         cmd = (wrap or {}).get(name, []) + base + ["--qmp", f"unix:{tmp}/{name}.qmp",
-                                                  "--serial", f"file:{tmp}/{name}.log"] + extra
+                                                  "--serial", f"file:{tmp}/{name}.log"] + opts \
+            + (extra or {}).get(name, [])
         out = subprocess.DEVNULL if quiet else open(tmp / f"{name}.out", "wb")
         procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if not quiet else subprocess.DEVNULL))
     try:
@@ -454,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--incoming", help="wait for a migration: 'defer' or a URI")
     vm.add_argument("--incoming-prealloc", choices=("on", "off"), default="on",
                     help="with --incoming: allocate guest RAM in the background while waiting (default on)")
+    vm.add_argument("--object", action="append", default=[], metavar="SPEC",
+                    help="tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off] "
+                         "(repeatable; migrate-set-parameters tls-creds=ID turns TLS on)")
     vm.set_defaults(func=cmd_vm)
 
     mg = sub.add_parser("migrate", help="migrate a running VM to a waiting one, over QMP")
@@ -462,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--uri", help="migration URI (default tcp:127.0.0.1:<free port>)")
     mg.add_argument("--max-bandwidth", type=parse_size_bytes, help="bytes/s (suffixes K/M/G allowed)")
     mg.add_argument("--downtime-limit", type=int, help="ms")
+    mg.add_argument("--tls-creds", metavar="ID",
+                    help="TLS on every connection: the id of the tls-creds-x509 object of both VMs")
+    mg.add_argument("--tls-hostname", metavar="NAME",
+                    help="the name in the destination's certificate (default: the host of a tcp: URI)")
     _migration_options(mg)
     mg.set_defaults(func=cmd_migrate)
 
@@ -473,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--no-prefill", dest="prefill", action="store_false")
     dm.add_argument("--max-bandwidth", type=parse_size_bytes, default=100_000_000_000)
     dm.add_argument("--downtime-limit", type=int, default=None)
+    dm.add_argument("--tls", action="store_true", help="TLS on every connection (makes a throw-away CA)")
     _migration_options(dm)
     dm.set_defaults(func=cmd_demo)
     return p

@@ -19,6 +19,7 @@ from .multifd import MultifdReceiver
 from .postcopy import Placer, PostcopyDestination, check_host
 from .ramblock import TPS, RamBlock, pack_bitmap, populate
 from .stats import RamStats
+from .tls import TlsEndpoint, TlsError
 from .transport import Channel, Listener, URI
 from .wire import decoder as D
 from .wire import multifd as WM
@@ -35,7 +36,7 @@ class Incoming:
 
     def __init__(self, machine: Any, options: MigrationOptions, uri: URI,
                  emit: Callable[[str, dict | None], None], exit_on_error: bool = True,
-                 on_started: Callable[[], None] | None = None):
+                 on_started: Callable[[], None] | None = None, tls: TlsEndpoint | None = None):
         self.machine = machine
         self.opts = options
         self.uri = uri
@@ -45,7 +46,8 @@ class Incoming:
         self.state = S.MigrationState(self._on_state)
         self.stats = RamStats(total=machine.memory_size)
         self.error: str | None = None
-        self.listener = Listener(uri)  # bind now: errors reach the migrate-incoming caller
+        self.tls = tls  # every accepted connection (main, preempt, multifd, recovery) is TLS
+        self.listener = Listener(uri, tls)  # bind now: errors reach the migrate-incoming caller
         self.chan: Channel | None = None
         self.rp_open = False
         self.rp_lock = threading.Lock()
@@ -67,6 +69,7 @@ class Incoming:
         self.pause_reason: str | None = None  # postcopy-paused: why
         self.recover_listener: Listener | None = None  # migrate-recover
         self.recover_event = threading.Event()
+        self.listening = threading.Event()  # POSTCOPY_LISTEN was handled
 
     def start(self) -> None:
         self.state.set(S.NONE, S.SETUP)
@@ -104,7 +107,7 @@ class Incoming:
             raise MigrationError("Migrate recovery is triggered already")
         if uri.scheme not in ("tcp", "unix"):
             raise MigrationError("postcopy recovery needs a tcp: or unix: URI")
-        self.recover_listener = Listener(uri)  # bound now: errors reach the caller
+        self.recover_listener = Listener(uri, self.tls)  # bound now: errors reach the caller
         self.recover_event.set()
 
     def _can_pause(self) -> bool:
@@ -170,6 +173,11 @@ class Incoming:
     def _run(self) -> None:
         try:
             self._accept()
+            if self.opts.cap("postcopy-preempt"):
+                # accepted at once, as QEMU does: the source opens it before the switch, and a TLS
+                # handshake needs this side to answer before the source can go on
+                self.preempt_thread = threading.Thread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
+                self.preempt_thread.start()
             if self.prefaulter is not None:
                 self.prefaulter.stop()  # from here on the loader allocates what it receives
             self.state.set(S.SETUP, S.ACTIVE)
@@ -207,12 +215,13 @@ class Incoming:
                     chans[cid] = ch
                 else:
                     ch.close()
-                    raise ProtocolError(f"unknown migration channel (starts with {magic.hex()})")
+                    hint = " (a TLS handshake: the source uses TLS; set tls-creds here too)" if magic[:2] == b"\x16\x03" else ""
+                    raise ProtocolError(f"unknown migration channel (starts with {magic.hex()}){hint}")
         except Exception as e:
             for c in list(chans.values()) + [ch]:
                 if c is not None and c is not self.chan:
                     c.close()
-            if not isinstance(e, TransportError):
+            if not isinstance(e, TransportError) or isinstance(e, TlsError):
                 raise
             raise MigrationError(f"multifd: {len(chans)} of {want} channels connected ({e}); "
                                  "is the multifd capability on at the source?") from None
@@ -243,10 +252,12 @@ class Incoming:
             self.chan.shutdown()  # the loader stops reading the main channel
 
     def _send_rp(self, data: bytes) -> None:
-        if not self.rp_open or self.chan is None or self.chan.sock is None:
+        """A return-path message (from the loader, the fault thread ...); TransportError if the
+        connection broke."""
+        if not self.rp_open or self.chan is None or not self.chan.bidirectional:
             return
         with self.rp_lock:
-            self.chan.sock.sendall(data)
+            self.chan.sendall(data)
 
     def _load(self) -> None:
         m = self.machine
@@ -396,9 +407,7 @@ class Incoming:
             if not self.rp_open:
                 raise ProtocolError("postcopy needs a return path")
             self.pc.listen()
-            if self.opts.cap("postcopy-preempt"):
-                self.preempt_thread = threading.Thread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
-                self.preempt_thread.start()
+            self.listening.set()  # the preempt channel may place pages from now on
             self.state.set(S.ACTIVE, S.POSTCOPY_DEVICE)
             return False
         if isinstance(ev, D.PostcopyRun):
@@ -470,10 +479,14 @@ class Incoming:
 
     def _preempt_loop(self) -> None:
         """mig/dst/preempt: the second connection carries requested pages only, as bare page
-        records; the source closes it before it sends EOF on the main channel."""
+        records; the source closes it before it sends EOF on the main channel. Accepted as soon
+        as it comes; read once POSTCOPY_LISTEN has set guest memory up for placing."""
         try:
             chan = self.listener.accept()
             self.preempt_chan = chan
+            while not self.listening.wait(0.1):
+                if self.state.status in S.FINISHED or self.error:
+                    return
             dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size, self.block.page_size)], {},
                                   postcopy=True, bare_ram=True, buffer_size=1 << 20)
             placer = Placer(self.pc)
@@ -492,8 +505,8 @@ class Incoming:
                         placer.place_zero_pages(idx)
                         self.stats.duplicate += idx.size
         except Exception as e:
-            if self.state.status in S.FINISHED or self.state.status == S.POSTCOPY_PAUSED:
-                return  # the listener closed at the end of a migration that did not use preempt
+            if self.state.status in S.FINISHED or self.state.status == S.POSTCOPY_PAUSED or self.error:
+                return  # the listener closed at the end of a migration that did not use preempt, or on failure
             self.preempt_error = f"postcopy-preempt channel: {e}"
             print(f"livemig: {self.preempt_error}", file=sys.stderr, flush=True)
             for c in (getattr(self, "preempt_chan", None), self.chan):
@@ -517,7 +530,7 @@ class Incoming:
             self.state.set(S.ACTIVE, S.COMPLETED)
         try:
             self._send_rp(RPW.shut(0))  # first: the source counts downtime until it sees this
-        except OSError:
+        except (OSError, TransportError):
             pass
         if not self.running_guest:
             self.emit("RESUME", None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 import threading
 from typing import Any
@@ -11,12 +12,13 @@ from . import __version__
 from . import state as S
 from .errors import GuestError, MigrationError, TransportError
 from .incoming import Incoming
-from .options import PARAMETERS, MigrationOptions
+from .options import NULLABLE, PARAMETERS, MigrationOptions
 from .outgoing import Outgoing
 from .postcopy import check_host
 from .ramblock import Prefaulter
 from .qmp import AfterReply, QMPError, QMPServer
-from .transport import parse_uri
+from .tls import TlsCredsX509, TlsEndpoint, create_object
+from .transport import URI, parse_uri
 
 VERSION = {"qemu": {"major": 10, "minor": 2, "micro": 0}, "package": f"livemig {__version__}"}
 
@@ -24,9 +26,15 @@ VERSION = {"qemu": {"major": 10, "minor": 2, "micro": 0}, "package": f"livemig {
 class VMProcess:
     """Glue between QMP and the machine: run state, stop/cont, pmemsave and migration."""
 
-    def __init__(self, machine: Any, qmp_address: str, incoming: str | None = None, prealloc: bool = True):
+    def __init__(self, machine: Any, qmp_address: str, incoming: str | None = None, prealloc: bool = True,
+                 objects: list[TlsCredsX509] | None = None):
         self.machine = machine
         self.opts = MigrationOptions()
+        self.objects: dict[str, TlsCredsX509] = {}  # --object / object-add, by id
+        for obj in objects or []:
+            if obj.id in self.objects:
+                raise MigrationError(f"attempt to add duplicate property '{obj.id}' to object (type 'container')")
+            self.objects[obj.id] = obj
         self.outgoing: Outgoing | None = None
         self.incoming: Incoming | None = None
         self.incoming_spec = incoming  # None, "defer" or a URI
@@ -87,7 +95,8 @@ class VMProcess:
         r("migrate-set-capabilities", self.q_set_caps, {"capabilities": ("list", True)})
         r("query-migrate-capabilities", lambda a: self.opts.query_capabilities())
         kinds = {"int": "int", "bool": "bool", "str": "str"}
-        r("migrate-set-parameters", self.q_set_params, {k: (kinds[v[1]], False) for k, v in PARAMETERS.items()})
+        r("migrate-set-parameters", self.q_set_params,
+          {k: ("any" if k in NULLABLE else kinds[v[1]], False) for k, v in PARAMETERS.items()})
         r("query-migrate-parameters", lambda a: self.opts.query_parameters())
         r("migrate", self.q_migrate, {"uri": ("str", False), "channels": ("list", False), "detach": ("bool", False),
                                       "resume": ("bool", False), "blk": ("bool", False), "inc": ("bool", False)})
@@ -98,6 +107,9 @@ class VMProcess:
         r("migrate-recover", self.q_migrate_recover, {"uri": ("str", True)}, allow_oob=True)
         r("migrate-start-postcopy", self.q_start_postcopy)
         r("query-migrate", self.q_query_migrate)
+        r("object-add", self.q_object_add, {"qom-type": ("str", True), "id": ("str", True), "dir": ("str", False),
+                                            "endpoint": ("str", False), "verify-peer": ("bool", False)})
+        r("object-del", self.q_object_del, {"id": ("str", True)})
 
     def q_query_status(self, args: dict) -> dict:
         return {"status": self.runstate, "running": self.runstate == "running", "singlestep": False}
@@ -194,12 +206,55 @@ class VMProcess:
         except MigrationError as e:
             raise QMPError(str(e)) from None
 
+    def q_object_add(self, args: dict) -> None:
+        """Only tls-creds-x509 objects (the files are loaded and checked now, as QEMU does)."""
+        if args["id"] in self.objects:
+            raise QMPError(f"attempt to add duplicate property '{args['id']}' to object (type 'container')")
+        try:
+            obj = create_object(args)
+        except MigrationError as e:
+            raise QMPError(str(e)) from None
+        self.objects[obj.id] = obj
+
+    def q_object_del(self, args: dict) -> None:
+        if self.objects.pop(args["id"], None) is None:
+            raise QMPError(f"object '{args['id']}' not found")
+
+    def _tls(self, endpoint: str, uri: URI) -> TlsEndpoint | None:
+        """This side's TLS for a migration over `uri`, from the tls-creds and tls-hostname
+        parameters (None: plaintext); QMPError when it cannot work."""
+        cid = self.opts.param("tls-creds")
+        if not cid:
+            return None
+        creds = self.objects.get(cid)
+        if creds is None:
+            raise QMPError(f"No TLS credentials with id '{cid}'")
+        if creds.endpoint != endpoint:
+            raise QMPError(f"Expected TLS credentials for a {endpoint} endpoint")
+        if uri.scheme == "file":
+            raise QMPError("TLS needs a socket: a file: migration cannot be encrypted (clear tls-creds)")
+        if uri.scheme == "fd":
+            try:
+                is_sock = stat.S_ISSOCK(os.fstat(uri.fd).st_mode)
+            except OSError:
+                is_sock = True  # the transport reports the bad descriptor
+            if not is_sock:
+                raise QMPError(f"TLS needs a socket: fd {uri.fd} is not one (clear tls-creds)")
+        tls = TlsEndpoint(creds, self.opts.param("tls-hostname"))
+        try:
+            tls.check_host(uri.host if uri.scheme == "tcp" else "")
+        except TransportError as e:
+            raise QMPError(str(e)) from None
+        return tls
+
     def q_migrate(self, args: dict) -> None:
         with self.lock:
             if args.get("resume"):
                 out = self.outgoing
                 if out is None or out.state.status != S.POSTCOPY_PAUSED:
                     raise QMPError("Cannot resume if there is no paused migration")
+                if out.tls is not None:  # as QEMU: the parameter in force when connecting
+                    out.tls.hostname = self.opts.param("tls-hostname")
                 try:
                     out.resume(parse_uri(self._uri_arg(args)))
                 except (TransportError, MigrationError) as e:
@@ -221,7 +276,7 @@ class VMProcess:
                     raise QMPError(f"Parameter '{name}' switches to postcopy: it needs the postcopy-ram capability")
             if self.opts.cap("multifd") and target.scheme not in ("tcp", "unix"):
                 raise QMPError("multifd opens several connections: use a tcp: or unix: URI")
-            out = Outgoing(self.machine, self.opts, target, self.emit)
+            out = Outgoing(self.machine, self.opts, target, self.emit, tls=self._tls("client", target))
             out.on_finish = self._outgoing_finished
             out.on_runstate = self._set_runstate
             self.outgoing = out
@@ -275,7 +330,7 @@ class VMProcess:
         try:
             target = parse_uri(uri)
             inc = Incoming(self.machine, self.opts, target, self.emit, exit_on_error=exit_on_error,
-                           on_started=self._incoming_started)
+                           on_started=self._incoming_started, tls=self._tls("server", target))
         except TransportError as e:
             raise QMPError(str(e)) from None
         inc.prefaulter = self.prefaulter

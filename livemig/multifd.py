@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from .errors import MigrationError, ProtocolError
 from .ramblock import TPS, RamBlock
 from .transport import URI, Channel, connect
 from .wire import multifd as WM
+
+if TYPE_CHECKING:
+    from .tls import TlsEndpoint
 
 QUEUE_DEPTH = 2  # packets waiting per sender thread
 WAIT_SLICE_S = 0.1
@@ -66,7 +69,8 @@ class _SendChannel:
 class MultifdSender:
     """The source's multifd channels. `check` raises when the migration must stop (cancel, error)."""
 
-    def __init__(self, uri: URI, channels: int, block: RamBlock, check: Callable[[], None]):
+    def __init__(self, uri: URI, channels: int, block: RamBlock, check: Callable[[], None],
+                 tls: TlsEndpoint | None = None):
         if uri.scheme not in ("tcp", "unix"):
             raise MigrationError("multifd opens several connections: use a tcp: or unix: URI")
         self.block = block
@@ -78,7 +82,7 @@ class MultifdSender:
         self._next = 0
         try:
             for cid in range(channels):
-                chan = connect(uri)
+                chan = connect(uri, tls=tls)
                 self.chans.append(_SendChannel(cid, chan, block))
                 chan.sendall(WM.init_packet(cid))
                 self.bytes += WM.INIT_LEN
@@ -144,16 +148,23 @@ class MultifdSender:
             self._failed()
         self.unsynced = False
 
-    def close(self) -> None:
-        """Stop the sender threads and close the connections (the destination reads EOF)."""
+    def close(self, graceful: bool = False) -> None:
+        """Stop the sender threads and close the connections (the destination reads EOF).
+        `graceful` (the migration completed, the senders are idle): the threads end first, so a
+        TLS channel can say close_notify; otherwise the connections are cut at once (a sender
+        may be stuck on a full socket)."""
         for c in self.chans:
-            c.chan.shutdown()  # unblocks a sender stuck on a full socket
+            if not graceful:
+                c.chan.shutdown()
             try:
                 c.jobs.put_nowait(None)
             except queue.Full:
-                pass
+                c.chan.shutdown()
         for c in self.chans:
             if c.thread.is_alive():
+                c.thread.join(timeout=1 if graceful else 5)
+            if c.thread.is_alive():
+                c.chan.shutdown()
                 c.thread.join(timeout=5)
             c.chan.close()
 

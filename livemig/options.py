@@ -52,6 +52,8 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     "x-postcopy-after-passes": (0, "int", 0, 1000000),
 }
 _ENUMS = {"zero-page-detection": ("none", "legacy", "multifd"), "multifd-compression": ("none",)}
+# QEMU's StrOrNull parameters: null means "" (unset)
+NULLABLE = {"tls-creds", "tls-hostname", "tls-authz"}
 
 
 @dataclass
@@ -102,12 +104,16 @@ class MigrationOptions:
                 if not isinstance(value, bool):
                     raise MigrationError(f"Invalid parameter type for '{name}', expected: boolean")
             else:
+                if value is None and name in NULLABLE:
+                    value = ""
                 if not isinstance(value, str):
-                    raise MigrationError(f"Invalid parameter type for '{name}', expected: string")
+                    raise MigrationError(f"Invalid parameter type for '{name}', expected: "
+                                         + ("StrOrNull" if name in NULLABLE else "string"))
                 if name in _ENUMS and value not in _ENUMS[name]:
                     raise MigrationError(f"Parameter '{name}' does not accept value '{value}'")
-                if name == "tls-creds" and value:
-                    raise MigrationError("TLS is not supported by livemig yet")
+                if name == "tls-authz" and value:
+                    raise MigrationError("Parameter 'tls-authz' is not supported by livemig (no authz objects: "
+                                         "verify-peer=on with a CA of your own decides who may connect)")
             new[name] = value
         self.params = new
 

@@ -29,6 +29,7 @@ from .multifd import MultifdSender
 from .options import MigrationOptions
 from .ramblock import TPS, RamBlock, run_bounds, unpack_bitmap
 from .stats import RamStats
+from .tls import TlsEndpoint
 from .transport import URI, Channel, connect
 from .wire import ram as WR
 from .wire import returnpath as RPW
@@ -241,10 +242,11 @@ class Outgoing:
     """One outgoing migration of `machine` to `uri`."""
 
     def __init__(self, machine: Any, options: MigrationOptions, uri: URI,
-                 emit: Callable[[str, dict | None], None], resume: bool = False):
+                 emit: Callable[[str, dict | None], None], resume: bool = False, tls: TlsEndpoint | None = None):
         self.machine = machine
         self.opts = options
         self.uri = uri
+        self.tls = tls  # every connection of this migration (main, preempt, multifd, recovery) is TLS
         self.emit = emit
         self.state = S.MigrationState(self._on_state)
         self.stats = RamStats(total=machine.memory_size)
@@ -374,7 +376,7 @@ class Outgoing:
 
     def _migrate(self) -> None:
         m = self.machine
-        self.chan = connect(self.uri)
+        self.chan = connect(self.uri, tls=self.tls)
         self._check()
         w = self.writer = Writer(self.chan)
         block = RamBlock("pc.ram", m.ram, getattr(m, "page_size", TPS))
@@ -397,7 +399,8 @@ class Outgoing:
         w.write(WS.section_footer(RAM_SECTION_ID))
         w.flush()
         if self.opts.cap("multifd"):
-            self.multifd = MultifdSender(self.uri, self.opts.param("multifd-channels"), block, self._check)
+            self.multifd = MultifdSender(self.uri, self.opts.param("multifd-channels"), block, self._check,
+                                         tls=self.tls)
         m.dirty_log_start()
         self.dirty_logging = True
         self._sync()  # dirty-sync-count 1, as QEMU's setup
@@ -602,6 +605,8 @@ class Outgoing:
         """migrate resume=true: reconnect to `uri` (the destination's migrate-recover address)."""
         if uri.scheme not in ("tcp", "unix"):
             raise MigrationError("postcopy recovery needs a tcp: or unix: URI")
+        if self.tls is not None:
+            self.tls.check_host(uri.host if uri.scheme == "tcp" else "")
         if not self.state.set(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP):
             raise MigrationError("Cannot resume if there is no paused migration")
         self.pause_requested = False  # a migrate-pause that raced with the pause itself
@@ -637,7 +642,7 @@ class Outgoing:
             self.resume_event.wait()
             self.resume_event.clear()
             try:
-                chan = connect(self.resume_uri)
+                chan = connect(self.resume_uri, tls=self.tls)
             except TransportError as e:
                 self.pause_reason = str(e)
                 self.state.set(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_PAUSED)
@@ -679,7 +684,7 @@ class Outgoing:
             sender.ndirty = int(np.count_nonzero(sender.dirty))
             sender.canonicalize()
         if self.opts.cap("postcopy-preempt"):
-            chan = connect(self.resume_uri)  # after the main channel, so the destination tells them apart
+            chan = connect(self.resume_uri, tls=self.tls)  # after the main channel: the destination tells them apart
             self.preempt_chan = chan
             with self.preempt_lock:
                 self.preempt = PageChannel(block, Writer(chan), self.stats)
@@ -805,7 +810,7 @@ class Outgoing:
             if time.monotonic() > deadline:
                 raise MigrationError("no PONG from the destination: cannot open the postcopy-preempt channel")
             time.sleep(0.001)
-        chan = connect(self.uri)
+        chan = connect(self.uri, tls=self.tls)
         self.preempt_chan = chan
         self.preempt = PageChannel(self.sender.block, Writer(chan), self.stats)
 
@@ -1017,7 +1022,7 @@ class Outgoing:
             self.preempt_chan.shutdown()  # wakes a return-path thread blocked sending on it
             self.preempt_chan.close()
         if self.multifd is not None:
-            self.multifd.close()
+            self.multifd.close(graceful=self.state.status == S.COMPLETED)
         if self.rp_thread is not None:
             self.rp_thread.join(timeout=5)
 
@@ -1043,15 +1048,20 @@ class Outgoing:
 
     def _rp_loop(self) -> None:
         chan = self.chan
-        assert chan is not None and chan.sock is not None
+        assert chan is not None and chan.bidirectional
         dec = RPW.RPDecoder({self.sender.block.name: -(-self.sender.block.npages // 64) * 8})
+        buf = bytearray(1 << 16)
         try:
             while True:
-                data = chan.sock.recv(4096)
+                n = chan.recv_into(buf)
+                data = bytes(buf[:n])
                 if not data:
                     if self.shut_value is None and self.state.status not in S.FINISHED:
                         self.rp_io = True
                         self.rp_error = "destination closed the return path before completion"
+                        if not self.pongs and self.tls is None:
+                            self.rp_error += (" (it never answered: see its error; a destination with tls-creds "
+                                              "set refuses a plaintext source)")
                     break
                 dec.feed(data)
                 while (msg := dec.next_message()) is not None:

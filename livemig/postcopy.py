@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import GuestError, ProtocolError
+from .errors import GuestError, ProtocolError, TransportError
 from .ramblock import TPS, RamBlock
 from .uffd import UserFault, probe
 from .wire import returnpath as RPW
@@ -166,7 +166,7 @@ class PostcopyDestination:
             if msgs:
                 try:
                     self.send_rp(b"".join(msgs))
-                except OSError:
+                except (OSError, TransportError):
                     pass  # the return path broke: the pages stay requested, asked again on recovery
 
     def resend_requests(self) -> int:

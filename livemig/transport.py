@@ -1,7 +1,8 @@
 """Migration URIs (tcp:, unix:, fd:, file:) and the connections they open.
 
 A Channel is what the engine writes to and reads from: a socket (bidirectional, so it carries a
-return path) or a file (one way).
+return path) or a file (one way). With a TLS endpoint (livemig.tls), every socket is wrapped in
+a TlsChannel, same interface, once its handshake succeeded.
 """
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import TransportError
+
+if TYPE_CHECKING:
+    from .tls import TlsEndpoint
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,18 @@ def _tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def connect(uri: URI, timeout: float = 30.0) -> Channel:
-    """Open the outgoing side of a migration."""
+def connect(uri: URI, timeout: float = 30.0, tls: TlsEndpoint | None = None) -> Channel:
+    """Open the outgoing side of a migration; with `tls`, a TLS client channel (handshake done)."""
+    chan = _connect(uri, timeout)
+    if tls is None:
+        return chan
+    if chan.sock is None:
+        chan.close()
+        raise TransportError(f"TLS needs a socket: '{uri}' is not one")
+    return tls.wrap(chan.sock, uri.host if uri.scheme == "tcp" else "")
+
+
+def _connect(uri: URI, timeout: float) -> Channel:
     try:
         if uri.scheme == "tcp":
             sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
@@ -230,8 +245,9 @@ def _from_fd(fd: int) -> Channel:
 class Listener:
     """The incoming side: bound at once (so the address is known), accepting one connection later."""
 
-    def __init__(self, uri: URI):
+    def __init__(self, uri: URI, tls: TlsEndpoint | None = None):
         self.uri = uri
+        self.tls = tls  # every accepted connection is a TLS server channel
         self.sock: socket.socket | None = None
         self.fd: int | None = None
         try:
@@ -263,10 +279,16 @@ class Listener:
             self.address = {"type": "unix", "path": uri.path}
 
     def accept(self, keep_open: bool = False, timeout: float | None = None) -> Channel:
-        """The next connection; the listening socket closes unless `keep_open` (more channels
-        will follow: multifd, postcopy-preempt)."""
+        """The next connection (with TLS: once its handshake succeeded); the listening socket
+        closes unless `keep_open` (more channels will follow: multifd, postcopy-preempt)."""
         if self.fd is not None:
-            return _from_fd(self.fd) if self.uri.scheme == "fd" else Channel(fd=self.fd)
+            chan = _from_fd(self.fd) if self.uri.scheme == "fd" else Channel(fd=self.fd)
+            if self.tls is not None:
+                if chan.sock is None:
+                    chan.close()
+                    raise TransportError(f"TLS needs a socket: '{self.uri}' is not one")
+                return self.tls.wrap(chan.sock)
+            return chan
         if self.sock is None:
             raise TransportError("the migration listener is closed")
         try:
@@ -280,6 +302,8 @@ class Listener:
         finally:
             if not keep_open:
                 self.close_socket()
+        if self.tls is not None:
+            return self.tls.wrap(_tune(conn))
         return Channel(_tune(conn))
 
     def close_socket(self) -> None:

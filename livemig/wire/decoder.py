@@ -306,7 +306,8 @@ class StreamDecoder:
         if self.phase == _HEADER:
             magic, version = cur.be32(), cur.be32()
             if magic != MAGIC:
-                raise ProtocolError(f"not a migration stream: magic 0x{magic:08x}, expected 0x{MAGIC:08x}")
+                hint = " (a TLS handshake: the source uses TLS; set tls-creds here too)" if magic >> 16 == 0x1603 else ""
+                raise ProtocolError(f"not a migration stream: magic 0x{magic:08x}, expected 0x{MAGIC:08x}{hint}")
             if version == VERSION_COMPAT:
                 raise ProtocolError("stream version 2 (COMPAT) is obsolete and not supported")
             if version != VERSION:

@@ -13,6 +13,8 @@ from ..errors import ProtocolError
 from .cursor import Cursor, Incomplete, counted
 
 MAX_LEN = 512  # the source's receive buffer
+# the first two bytes of a TLS record (alert, handshake, data; TLS 1.0-1.3), read as a message type
+TLS_RECORDS = {0x1501, 0x1503, 0x1601, 0x1603, 0x1703}
 BITMAP_END_MARK = 0x0123456789ABCDEF
 RESUME_ACK_VALUE = 1
 
@@ -128,7 +130,8 @@ class RPDecoder:
         try:
             kind = RP(t)
         except ValueError:
-            raise ProtocolError(f"return path: unknown message type {t}") from None
+            hint = " (TLS records: the destination uses TLS; set tls-creds here too)" if t in TLS_RECORDS else ""
+            raise ProtocolError(f"return path: unknown message type {t}{hint}") from None
         if n > MAX_LEN:
             raise ProtocolError(f"return path: message {kind.name} of {n} bytes exceeds {MAX_LEN}")
         fixed = _FIXED.get(kind)

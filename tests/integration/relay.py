@@ -4,7 +4,8 @@ The source connects to `relay.uri` (a unix socket); every connection is forwarde
 destination's address. The relay counts the bytes of the first connection (the main channel) in
 the source -> destination direction and can: cut every connection once that count reaches a
 mark (or at once), flip one byte at a given position of the main stream, stall (hold all data,
-both directions), or hold only what the destination sends (the return path) until a cut.
+both directions), or hold only what the destination sends (the return path) until a cut. With
+`record`, it keeps every byte it forwarded, per connection and direction (`seen`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 
 
 class Relay:
-    def __init__(self, path: Path, target: tuple[str, int] | str):
+    def __init__(self, path: Path, target: tuple[str, int] | str, record: bool = False):
         self.path = str(path)
+        self.record = record
+        self.seen: list[bytearray] = []  # with record: [conn0 src->dst, conn0 dst->src, conn1 ...]
         self.target = target
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(self.path)
@@ -56,13 +59,16 @@ class Relay:
             b = self._connect()
             with self.lock:
                 self.socks += [a, b]
-            threading.Thread(target=self._pipe, args=(a, b, first), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(b, a, False, True), daemon=True).start()
+                fwd, bwd = bytearray(), bytearray()
+                self.seen += [fwd, bwd]
+            threading.Thread(target=self._pipe, args=(a, b, first, False, fwd), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(b, a, False, True, bwd), daemon=True).start()
             first = False
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, main: bool, back: bool = False) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, main: bool, back: bool = False,
+              seen: bytearray | None = None) -> None:
         try:
-            self._forward(src, dst, main, back)
+            self._forward(src, dst, main, back, seen)
             dst.shutdown(socket.SHUT_WR)  # pass the end of one direction on, like a real link
         except OSError:
             for s in (src, dst):  # one side broke: so does the connection
@@ -71,7 +77,8 @@ class Relay:
                 except OSError:
                     pass
 
-    def _forward(self, src: socket.socket, dst: socket.socket, main: bool, back: bool) -> None:
+    def _forward(self, src: socket.socket, dst: socket.socket, main: bool, back: bool,
+                 seen: bytearray | None) -> None:
         if True:
             while data := src.recv(1 << 16):
                 self.go.wait()
@@ -91,6 +98,8 @@ class Relay:
                         self.cut()
                         return
                     self.main_bytes = end
+                if self.record and seen is not None:
+                    seen += data
                 dst.sendall(data)
 
     def cut(self) -> None:

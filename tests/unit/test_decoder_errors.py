@@ -67,6 +67,12 @@ def expect_error(data: bytes, match: str, **kw) -> str:
 def test_bad_magic():
     expect_error(b"QEMU\x00\x00\x00\x03", r"not a migration stream: magic 0x51454d55, expected 0x5145564d")
     expect_error(b"\x00" * 8, "not a migration stream")
+    assert "TLS" not in expect_error(b"\x00" * 8, "not a migration stream")
+
+
+def test_tls_client_hello_is_named():
+    """A TLS source talking to a plaintext destination: its ClientHello is read as the header."""
+    expect_error(b"\x16\x03\x01\x02\x00\x01\x00\x01", r"magic 0x16030102.*TLS handshake.*set tls-creds here")
 
 
 def test_version_2_is_obsolete():

@@ -164,12 +164,16 @@ def test_bool_and_string_parameters():
         o.set_parameters({"zero-page-detection": "zero"})
     with pytest.raises(MigrationError, match="'multifd-compression' does not accept value 'zstd'"):
         o.set_parameters({"multifd-compression": "zstd"})
-    with pytest.raises(MigrationError, match="expected: string"):
+    with pytest.raises(MigrationError, match="expected: StrOrNull"):
         o.set_parameters({"tls-hostname": 5})
-    with pytest.raises(MigrationError, match="TLS is not supported"):
-        o.set_parameters({"tls-creds": "tls0"})
-    o.set_parameters({"tls-creds": "", "tls-hostname": "dst.example", "tls-authz": ""})
-    assert o.param("tls-hostname") == "dst.example"
+    with pytest.raises(MigrationError, match="'tls-authz' is not supported"):
+        o.set_parameters({"tls-authz": "authz0"})
+    o.set_parameters({"tls-creds": "tls0", "tls-hostname": "dst.example", "tls-authz": ""})
+    assert (o.param("tls-creds"), o.param("tls-hostname")) == ("tls0", "dst.example")
+    o.set_parameters({"tls-creds": None, "tls-hostname": None})  # QEMU's StrOrNull: null unsets
+    assert o.query_parameters()["tls-creds"] == o.query_parameters()["tls-hostname"] == ""
+    with pytest.raises(MigrationError, match="expected: StrOrNull"):
+        o.set_parameters({"tls-creds": 1})
 
 
 @pytest.mark.parametrize("name", ["max_bandwidth", "compress-level", "mode", "", "x-vcpu-dirty-limit-period"])

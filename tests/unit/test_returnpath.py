@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from livemig.errors import ProtocolError
 from livemig.ramblock import pack_bitmap
 from livemig.wire import returnpath as RP
 
@@ -118,3 +119,12 @@ message = st.one_of(
 def test_random_sequences_round_trip(msgs, chunk):
     data = b"".join(b for b, _ in msgs)
     assert decode_all(data, chunk) == [m for _, m in msgs]
+
+
+def test_tls_records_on_a_plaintext_return_path_are_named():
+    """A plaintext source talking to a TLS destination reads its alert as a message."""
+    for record in (b"\x15\x03\x03\x00\x02\x02\x46", b"\x17\x03\x03\x00\x13" + bytes(19)):
+        with pytest.raises(ProtocolError, match="unknown message type .*the destination uses TLS"):
+            decode_all(record)
+    with pytest.raises(ProtocolError, match=r"unknown message type 4660$"):
+        decode_all(b"\x12\x34\x00\x00")
