@@ -8,8 +8,11 @@ guest RAM is identical. Select them with ``-m linux``.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from livemig.guest.linux import COUNTER_PREFIX, INIT_MARKER
 from linuxtools import (MEMORY, Console, assert_healthy, assert_log_continues, assert_same_ram,
                         linux_boot_args, wait_output)
 from vmtools import VM, migrate
@@ -24,6 +27,7 @@ POSTCOPY_AT = PRECOPY_LATER
 POSTCOPY_LATER = b"smp: Brought up 1 node"
 FILE_AT = b"devtmpfs: initialized"
 FILE_LATER = b"NET: Registered PF_NETLINK"
+SHELL_TIMEOUT = 1500  # from FILE_LATER to /init: many minutes of initcalls on kvm_pvm
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +143,22 @@ def test_save_to_file_and_load_in_fresh_process(chain):
     dst.cmd("cont")
     _handed_over(src, dst, FILE_LATER, 300)
     chain["current"] = dst
+
+
+def test_console_shell_answers_on_the_destination(chain):
+    """The guest that arrived from the file reaches busybox's shell; a command typed on the
+    destination's console (a unix socket) is answered, and the init's counter keeps counting."""
+    vm = _current(chain)
+    console = chain.get("console")
+    if console is None:
+        pytest.fail("the file step did not leave a console to type into")
+    start = len(vm.output())
+    took = wait_output(vm, INIT_MARKER.encode(), SHELL_TIMEOUT, start=0)
+    print(f"initramfs /init after {took:.0f} s more")
+    wait_output(vm, f"{COUNTER_PREFIX} 2".encode(), 120)
+    console.type("\necho livemig-$((6*7))-$(cat /proc/uptime | cut -d. -f1)\n")
+    wait_output(vm, b"livemig-42-", 120, start=start)
+    out = vm.output()
+    assert_healthy(out, vm.name)
+    counters = [int(x) for x in re.findall(rb"LIVEMIG-COUNTER (\d+)", out)]
+    assert counters == list(range(counters[0], counters[0] + len(counters))), counters[:20]

@@ -76,6 +76,8 @@ MUTATION = st.one_of(
 def mutate(data: bytes, muts, head_bias: bool) -> bytes:
     buf = bytearray(data)
     for kind, where, arg in muts:
+        if not buf:  # an earlier cut left nothing to mutate
+            break
         # most structure lives in the first and last few KiB (header, setup, devices, vmdesc)
         span = min(len(buf), 8192) if head_bias else len(buf)
         pos = where % max(span, 1)

@@ -17,7 +17,8 @@ def _postcopy_under_way(vms, tmp_path, preempt=False, bandwidth=40 << 20):
     src.wait_passes(1)
     caps = ["events", "postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
     migrate(src, dst, f"unix:{tmp_path}/mig.sock", caps=caps, wait=False,
-            params={"max-bandwidth": 400 << 20, "max-postcopy-bandwidth": bandwidth})
+            params={"max-bandwidth": 400 << 20, "max-postcopy-bandwidth": bandwidth,
+                    "downtime-limit": 1})  # precopy must not finish before the switch
     src.wait_status({"active"})
     while src.cmd("query-migrate")["ram"]["dirty-sync-count"] < 2:
         time.sleep(0.02)
