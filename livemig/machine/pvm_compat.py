@@ -6,10 +6,12 @@ host with VT-x/AMD-V:
   only then does the machine clear CPUID.1:ECX.CX16 (CMPXCHG16B is not emulated) and add
   ``PVM_CMDLINE`` (no XSAVE/XRSTOR, no POPCNT and friends) to the kernel command line.
 * ``EmulationFixups.handle()`` runs only on a KVM_EXIT_INTERNAL_ERROR with the emulation suberror:
-  it completes the few instructions the emulator gives up on (INT3, UD2, FWAIT) the way a CPU would.
+  it completes the few instructions the emulator gives up on (INT3, UD2, FWAIT, LDMXCSR, STMXCSR)
+  the way a CPU would.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from typing import Callable
@@ -58,14 +60,103 @@ _FIXUPS: tuple[tuple[bytes, str, int | None, bool], ...] = (
     (b"\x9b", "fwait", None, True),  # no x87 exception pending here: just skip it
 )
 
+# ModRM register numbers -> kvm_regs names
+GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+       "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1
+
+
+def _sext(v: int, bits: int) -> int:
+    return v - (1 << bits) if v & (1 << (bits - 1)) else v
+
+
+def decode_mxcsr_insn(code: bytes, regs: dict[str, int], seg_base: dict[str, int]) -> tuple[str, int, int] | None:
+    """LDMXCSR/STMXCSR m32 (0F AE /2, /3) in 64-bit mode: ("ldmxcsr"|"stmxcsr", linear address,
+    instruction length), or None for anything else (register forms, 0x67, F2/F3 forms...)."""
+    i, seg, rex = 0, None, 0
+    while i < len(code) and code[i] in (0x64, 0x65, 0x2E, 0x3E, 0x26, 0x36):
+        seg = {0x64: "fs", 0x65: "gs"}.get(code[i], seg)
+        i += 1
+    if i < len(code) and 0x40 <= code[i] <= 0x4F:
+        rex = code[i]
+        i += 1
+    if code[i:i + 2] != b"\x0f\xae" or len(code) < i + 3:
+        return None
+    modrm = code[i + 2]
+    i += 3
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    if mod == 3 or reg not in (2, 3):
+        return None
+    base: int | None
+    addr, riprel = 0, False
+    if rm == 4:  # SIB
+        if len(code) < i + 1:
+            return None
+        sib = code[i]
+        i += 1
+        index = ((sib >> 3) & 7) | ((rex & 2) << 2)
+        if index != 4:
+            addr += regs[GPR[index]] << (sib >> 6)
+        base = (sib & 7) | ((rex & 1) << 3)
+        if (sib & 7) == 5 and mod == 0:
+            base = None
+            mod = 2  # a disp32 follows
+    elif rm == 5 and mod == 0:
+        base, riprel, mod = None, True, 2
+    else:
+        base = rm | ((rex & 1) << 3)
+    if base is not None:
+        addr += regs[GPR[base]]
+    if mod == 1:
+        if len(code) < i + 1:
+            return None
+        addr += _sext(code[i], 8)
+        i += 1
+    elif mod == 2:
+        if len(code) < i + 4:
+            return None
+        addr += _sext(int.from_bytes(code[i:i + 4], "little"), 32)
+        i += 4
+    if riprel:
+        addr += regs["rip"] + i
+    if seg is not None:
+        addr += seg_base[seg]
+    return ("ldmxcsr" if reg == 2 else "stmxcsr"), addr & 0xFFFFFFFFFFFFFFFF, i
+
 
 class EmulationFixups:
-    """Finishes instructions kvm_pvm's emulator cannot run. ``read_guest(gpa, n)`` reads guest RAM."""
+    """Finishes instructions kvm_pvm's emulator cannot run. ``host_address(gpa)`` maps guest RAM.
 
-    def __init__(self, vcpu: kvm.KvmVcpu, read_guest: Callable[[int, int], bytes]) -> None:
+    Guest memory is read and written with ctypes.memmove, which drops the GIL: in postcopy a page
+    may still be missing, and a fault taken while holding the GIL would deadlock the process."""
+
+    def __init__(self, vcpu: kvm.KvmVcpu, host_address: Callable[[int], int]) -> None:
         self.vcpu = vcpu
-        self.read_guest = read_guest
+        self.host_address = host_address
         self.counts: dict[str, int] = {}
+
+    def _copy(self, linear: int, data: bytearray, write: bool) -> bool:
+        for k in range(len(data)):  # byte by byte across pages is fine for <= 16 bytes
+            gpa = self.vcpu.translate(linear + k)
+            if gpa is None:
+                return False
+            cell = (ctypes.c_char * 1).from_buffer(data, k)
+            if write:
+                ctypes.memmove(self.host_address(gpa), cell, 1)
+            else:
+                ctypes.memmove(cell, self.host_address(gpa), 1)
+            del cell
+        return True
+
+    def _insn(self, run, rip: int) -> bytes | None:
+        flags = int.from_bytes(run[kvm.RUN_UNION + 8:kvm.RUN_UNION + 16], "little")
+        if flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            n = min(run[kvm.RUN_UNION + 16], 15)
+            if n:
+                return bytes(run[kvm.RUN_UNION + 17:kvm.RUN_UNION + 17 + n])
+        n = min(15, 0x1000 - (rip & 0xFFF))
+        buf = bytearray(n)
+        return bytes(buf) if self._copy(rip, buf, False) else None
 
     def handle(self, run) -> bool:
         """True when the INTERNAL_ERROR exit in ``run`` was one of ours and the guest can go on."""
@@ -74,11 +165,9 @@ class EmulationFixups:
             return False
         regs = self.vcpu.get_regs()
         rip = regs["rip"]
-        gpa = self.vcpu.translate(rip)
-        if gpa is None:
+        insn = self._insn(run, rip)
+        if not insn:
             return False
-        # the emulator just fetched these bytes, so the page is present (also during postcopy)
-        insn = self.read_guest(gpa, min(2, 0x1000 - (gpa & 0xFFF)))
         for prefix, name, vector, skip in _FIXUPS:
             if not insn.startswith(prefix):
                 continue
@@ -90,6 +179,34 @@ class EmulationFixups:
                 ev[0:8] = struct.pack("<BBBBI", 1, vector, 0, 0, 0)  # exception: injected, nr
                 struct.pack_into("<I", ev, kvm.EVENTS_FLAGS, 0)
                 self.vcpu.set_vcpu_events(ev)
-            self.counts[name] = self.counts.get(name, 0) + 1
-            return True
-        return False
+            return self._count(name)
+        return self._mxcsr(insn, regs)
+
+    def _mxcsr(self, insn: bytes, regs: dict[str, int]) -> bool:
+        sr = self.vcpu.get_sregs()
+        seg_base = {n: kvm.SEGMENT.unpack_from(sr, i * kvm.SEGMENT.size)[0]
+                    for i, n in enumerate(kvm.SEG_NAMES) if n in ("fs", "gs")}
+        op = decode_mxcsr_insn(insn, regs, seg_base)
+        if op is None:
+            return False
+        name, linear, length = op
+        # MXCSR lives at byte 24 of the XSAVE area's legacy (FXSAVE) region; KVM_GET_FPU does not
+        # report it on every host, KVM_GET_XSAVE does
+        xsave = bytearray(self.vcpu.get_xsave())
+        cell = bytearray(4)
+        if name == "ldmxcsr":
+            if not self._copy(linear, cell, False):
+                return False
+            xsave[24:28] = cell
+            self.vcpu.set_xsave(bytes(xsave))
+        else:
+            cell[:] = xsave[24:28]
+            if not self._copy(linear, cell, True):
+                return False
+        regs["rip"] += length
+        self.vcpu.set_regs(regs)
+        return self._count(name)
+
+    def _count(self, name: str) -> bool:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return True

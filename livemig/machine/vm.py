@@ -142,7 +142,8 @@ class KvmMachine:
         cpuid = self._system.supported_cpuid()
         if self.pvm:
             cpuid = pvm_compat.adjust_cpuid(cpuid)
-            self._fixups = pvm_compat.EmulationFixups(self._vcpu, self.read_guest)
+            self._fixups = pvm_compat.EmulationFixups(
+                self._vcpu, lambda gpa: self.ram_host_addr + self.gpa_to_offset(gpa))
         self._vcpu.set_cpuid2(cpuid)
 
         self._chardev = open_chardev(serial)

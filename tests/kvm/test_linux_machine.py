@@ -139,3 +139,31 @@ def test_load_linux_refuses_bad_input(linux_machines):
     sect = linux_machines(linux=False)
     with pytest.raises(GuestError, match="Linux machine"):
         sect.load_linux(lb.load_kernel(_elf(PROGRAM)), b"", "")
+
+
+# LDMXCSR/STMXCSR at CPL0 (kvm_pvm's emulator stops on both; livemig's fixups finish them there)
+MXCSR_PROGRAM = bytes.fromhex(
+    "c78600010000809f0000"  # mov dword [rsi+0x100], 0x9f80 (default MXCSR with FZ)
+    "0fae9600010000"        # ldmxcsr [rsi+0x100]
+    "0fae9e04010000"        # stmxcsr [rsi+0x104]
+    "8b8604010000"          # mov eax, [rsi+0x104]
+    "3d809f0000"            # cmp eax, 0x9f80
+    "b04d"                  # mov al, 'M'
+    "7402"                  # je +2
+    "b058"                  # mov al, 'X'
+    "66baf803"              # mov dx, 0x3f8
+    "ee"                    # out dx, al
+    "ebfe"                  # jmp $
+)
+
+
+def test_mxcsr_round_trip_at_cpl0(linux_machines, tmp_path):
+    out = tmp_path / "serial"
+    m = linux_machines(f"file:{out}")
+    m.load_linux(lb.load_kernel(_elf(MXCSR_PROGRAM)), b"", "")
+    m.start()
+    _wait(lambda: out.exists() and out.stat().st_size >= 1)
+    assert out.read_bytes() == b"M"
+    m.pause()
+    xsave = [d for d in m.devices() if d.idstr == "cpu"][0].save()["cpu/xsave"]["xsave"]
+    assert struct.unpack_from("<I", xsave, 24)[0] == 0x9F80  # MXCSR in the legacy region
