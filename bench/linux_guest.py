@@ -10,15 +10,17 @@ Milestone times are wall seconds since the source process started, migrations in
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import subprocess
+import threading
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from livemig.cli import parse_size, run_migration
-from livemig.guest.linux import INIT_MARKER, prepare
+from livemig.guest.linux import COUNTER_PREFIX, INIT_MARKER, prepare
 from livemig.machine.devices import CPU_FULL_VMSD
 from livemig.machine.kvm_devices import CLOCK_VMSD, IOAPIC_VMSD, PIC_VMSD, PIT_VMSD
 from livemig.qmpclient import QMPClient
@@ -38,12 +40,40 @@ def device_state_bytes() -> int:
     return sum(v.fixed_size + sum(s.fixed_size for s in v.subsections) for v in vmsds)
 
 
+class Console:
+    """A client of a `--serial unix:PATH,server=on` console: copies the guest's output into a
+    file and types into the guest."""
+
+    def __init__(self, sock_path: Path, copy_to: Path) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(sock_path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"console {sock_path} does not accept")
+                time.sleep(0.05)
+        self.out = open(copy_to, "ab", buffering=0)
+        threading.Thread(target=self._copy, daemon=True).start()
+
+    def _copy(self) -> None:
+        while data := self.sock.recv(65536):
+            self.out.write(data)
+
+    def type(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+
 class Guest:
-    def __init__(self, tmp: Path, name: str, mem: str, boot: list[str]) -> None:
+    def __init__(self, tmp: Path, name: str, mem: str, boot: list[str], console: bool = False) -> None:
         self.log = tmp / f"{name}.log"
         self.qmp = f"unix:{tmp}/{name}.qmp"
+        serial = f"unix:{tmp}/{name}.console,server=on,wait=off" if console else f"file:{self.log}"
         cmd = [sys.executable, "-m", "livemig", "vm", "--memory", mem, *boot, "--qmp", self.qmp,
-               "--serial", f"file:{self.log}"]
+               "--serial", serial]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.err", "wb"))
         deadline = time.monotonic() + 30
         while True:
@@ -54,6 +84,7 @@ class Guest:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise SystemExit(f"{name} did not start: {(tmp / f'{name}.err').read_text()}")
                 time.sleep(0.05)
+        self.console = Console(tmp / f"{name}.console", self.log) if console else None
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -80,7 +111,7 @@ def run_once(mem: str, to_shell: bool) -> dict:
         guests = [Guest(tmp, "src", mem, ["--kernel", vmlinux, "--initrd", initramfs])]
         seen = ""
 
-        def watch(until: str, timeout: float = 1800) -> None:
+        def watch(until: str, timeout: float = 2400) -> None:
             nonlocal seen
             end = time.monotonic() + timeout
             while True:
@@ -122,12 +153,20 @@ def run_once(mem: str, to_shell: bool) -> dict:
             res["file_bytes"] = path.stat().st_size
             seen += src.text()
             ts = time.monotonic()
-            c = Guest(tmp, "c", mem, ["--machine", "linux", "--incoming", f"file:{path}"])
+            c = Guest(tmp, "c", mem, ["--machine", "linux", "--incoming", f"file:{path}"], console=to_shell)
             while c.cmd("query-status")["status"] != "running":
                 time.sleep(0.02)
             res["load_s"] = time.monotonic() - ts
             guests.append(c)
-            watch(INIT_MARKER if to_shell else "NET: Registered PF_NETLINK")
+            if not to_shell:
+                watch("NET: Registered PF_NETLINK")
+            else:  # a command typed on the destination's console is answered by busybox's shell
+                watch(INIT_MARKER)
+                watch(f"{COUNTER_PREFIX} 2")
+                ts = time.monotonic()
+                c.console.type("\necho livemig-$((6*7))\n")
+                watch("livemig-42", timeout=300)
+                res["shell_answer_s"] = time.monotonic() - ts
         finally:
             for g in guests:
                 g.stop()
@@ -160,6 +199,8 @@ def main() -> int:
               f"transferred {med(lambda r: r[kind]['ram']['transferred']) / 2**20:.1f} MiB, "
               f"requests {med(lambda r: r[kind]['ram'].get('postcopy-requests', 0)):.0f}, "
               f"destination blocktime {med(lambda r: r[kind]['dst'].get('postcopy-blocktime', 0)):.0f} ms")
+    if args.to_shell:
+        print(f"shell answered a typed command on the destination's console in {med(lambda r: r['shell_answer_s']):.1f} s")
     print(f"save to file: {med(lambda r: r['save_s']):.2f} s, {med(lambda r: r['file_bytes']) / 2**20:.1f} MiB; "
           f"load in a fresh process until running: {med(lambda r: r['load_s']):.2f} s")
     return 0

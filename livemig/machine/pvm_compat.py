@@ -21,10 +21,13 @@ from . import kvm
 KVM_INTERNAL_ERROR_EMULATION = 1
 CPUID_1_ECX_CX16 = 1 << 13
 
-# noxsave: XRSTOR is not emulated; clearcpuid: nor are POPCNT and friends. The guest kernel runs
-# ~1000x slower than native, so its lockup and RCU stall detectors would fire: turn them off; and
-# skip ftrace's boot-time check of its 40,000 call sites (a kallsyms lookup each: minutes here).
-PVM_CMDLINE = ("noxsave clearcpuid=popcnt,smap,smep,fsgsbase,pcid,invpcid,rdpid,rdtscp,bmi1,bmi2,abm "
+# noxsave: XRSTOR is not emulated; clearcpuid: nor are POPCNT and friends, nor the SSE moves of the
+# kernel's SIMD crypto (blake2s, crc32c, AES-NI... fall back to plain C without these flags).
+# The guest kernel runs ~1000x slower than native, so its lockup and RCU stall detectors would
+# fire: turn them off; and skip ftrace's boot-time check of its 40,000 call sites (a kallsyms
+# lookup each: minutes here).
+PVM_CMDLINE = ("noxsave clearcpuid=popcnt,smap,smep,fsgsbase,pcid,invpcid,rdpid,rdtscp,bmi1,bmi2,abm,"
+               "ssse3,sse4_1,sse4_2,avx,avx2,avx512f,aes,pclmulqdq,sha_ni,fma,f16c,adx "
                "nowatchdog rcupdate.rcu_cpu_stall_suppress=1 initcall_blacklist=ftrace_check_for_weak_functions")
 
 

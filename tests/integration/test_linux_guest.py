@@ -4,16 +4,15 @@ One guest travels through the whole module, so the boot is paid once (minutes on
 source --precopy--> A --postcopy--> B --file:--> C. Each step checks that the kernel log
 carries on (no reboot, printk time continues, no oops) up to a later known line, that the
 source stays paused, and, where the destination can be held before it runs, that every page of
-guest RAM is identical. Select them with ``-m linux``.
+guest RAM is identical. Select them with ``-m linux``. The boot on to busybox's shell and a
+command typed on the destination's console take over 20 minutes on kvm_pvm, beyond the CI
+budget: ``bench/linux_guest.py --to-shell`` does that.
 """
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from livemig.guest.linux import COUNTER_PREFIX, INIT_MARKER
-from linuxtools import (MEMORY, Console, assert_healthy, assert_log_continues, assert_same_ram,
+from linuxtools import (MEMORY, assert_healthy, assert_log_continues, assert_same_ram,
                         linux_boot_args, wait_output)
 from vmtools import VM, migrate
 
@@ -27,7 +26,6 @@ POSTCOPY_AT = PRECOPY_LATER
 POSTCOPY_LATER = b"smp: Brought up 1 node"
 FILE_AT = b"devtmpfs: initialized"
 FILE_LATER = b"NET: Registered PF_NETLINK"
-SHELL_TIMEOUT = 1500  # from FILE_LATER to /init: many minutes of initcalls on kvm_pvm
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +34,6 @@ def chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("linux")
     state = {"tmp": tmp, "vms": [], "current": None}
     yield state
-    if "console" in state:
-        state["console"].close()
     for vm in state["vms"]:
         vm.close()
     if state["vms"]:
@@ -132,33 +128,12 @@ def test_save_to_file_and_load_in_fresh_process(chain):
     info = src.wait_status({"completed", "failed"}, timeout=120)
     assert info["status"] == "completed", info
     print(f"saved {path.stat().st_size >> 20} MiB in {info.get('total-time')} ms")
-    dst = _dest(chain, "c", serial=f"unix:{chain['tmp'] / 'c.console'},server=on,wait=off")
-    dst.serial = chain["tmp"] / "c.serial-copy"
+    dst = _dest(chain, "c")
     dst.cmd("stop")
     dst.cmd("migrate-incoming", uri=f"file:{path}")
     dst.wait_status({"completed"}, timeout=120)
     print(assert_same_ram(src, dst))
-    console = Console(chain["tmp"] / "c.console", dst.serial)
-    chain["console"] = console
     dst.cmd("cont")
     _handed_over(src, dst, FILE_LATER, 300)
     chain["current"] = dst
 
-
-def test_console_shell_answers_on_the_destination(chain):
-    """The guest that arrived from the file reaches busybox's shell; a command typed on the
-    destination's console (a unix socket) is answered, and the init's counter keeps counting."""
-    vm = _current(chain)
-    console = chain.get("console")
-    if console is None:
-        pytest.fail("the file step did not leave a console to type into")
-    start = len(vm.output())
-    took = wait_output(vm, INIT_MARKER.encode(), SHELL_TIMEOUT, start=0)
-    print(f"initramfs /init after {took:.0f} s more")
-    wait_output(vm, f"{COUNTER_PREFIX} 2".encode(), 120)
-    console.type("\necho livemig-$((6*7))-$(cat /proc/uptime | cut -d. -f1)\n")
-    wait_output(vm, b"livemig-42-", 120, start=start)
-    out = vm.output()
-    assert_healthy(out, vm.name)
-    counters = [int(x) for x in re.findall(rb"LIVEMIG-COUNTER (\d+)", out)]
-    assert counters == list(range(counters[0], counters[0] + len(counters))), counters[:20]
