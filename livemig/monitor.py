@@ -1,6 +1,8 @@
 """One VM process: a KVM machine, its QMP server, and the migration commands (QEMU's names)."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 import signal
 import stat
@@ -91,6 +93,7 @@ class VMProcess:
         r("cont", self.q_cont)
         r("quit", self.q_quit)
         r("x-livemig-query-hypervisor-areas", self.q_hypervisor_areas)
+        r("x-livemig-query-registers", self.q_registers)
         r("pmemsave", self.q_pmemsave, {"val": ("int", True), "size": ("int", True), "filename": ("str", True)})
         r("migrate-set-capabilities", self.q_set_caps, {"capabilities": ("list", True)})
         r("query-migrate-capabilities", lambda a: self.opts.query_capabilities())
@@ -147,11 +150,26 @@ class VMProcess:
     def q_hypervisor_areas(self, args: dict) -> list:
         """Guest memory KVM writes on its own (kvmclock, steal time, ...): a RAM comparison between
         a source and its destination has to leave these bytes out. Only while the vCPU is stopped."""
-        with self.lock:
-            if self.machine.running:
-                raise QMPError("The vCPU must be stopped to read its paravirtual MSRs")
+        with self._vcpu_stopped():
             areas = self.machine.cpu.hypervisor_areas()
         return [{"addr": a, "size": n, "name": name} for a, n, name in areas]
+
+    def q_registers(self, args: dict) -> dict:
+        """The vCPU's general registers and control registers (like HMP's `info registers`).
+        Only while the vCPU is stopped."""
+        with self._vcpu_stopped():
+            st = self.machine.cpu.save()
+        names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+                 "r12", "r13", "r14", "r15", "rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer")
+        return {n: st[n] for n in names}
+
+    @contextlib.contextmanager
+    def _vcpu_stopped(self):
+        """Holds the monitor lock while the vCPU is stopped (its state can be read)."""
+        with self.lock:
+            if self.machine.running:
+                raise QMPError("The vCPU must be stopped (use 'stop' first)")
+            yield
 
     def q_pmemsave(self, args: dict) -> None:
         val, size, filename = args["val"], args["size"], args["filename"]
