@@ -1,12 +1,11 @@
 """Postcopy recovery: a broken connection after the switch pauses both sides, the guest keeps
 running on the destination, and `migrate-recover` + `migrate resume=true` finish the migration
 with nothing lost (real processes, real userfaultfd)."""
-import time
 
 import pytest
 from qemu.qmp import ExecuteError
 
-from vmtools import MiB, assert_migrated, migrate
+from vmtools import MiB, assert_migrated, migrate, switch_after_first_pass
 
 
 def _postcopy_under_way(vms, tmp_path, preempt=False, bandwidth=40 << 20):
@@ -19,12 +18,7 @@ def _postcopy_under_way(vms, tmp_path, preempt=False, bandwidth=40 << 20):
     migrate(src, dst, f"unix:{tmp_path}/mig.sock", caps=caps, wait=False,
             params={"max-bandwidth": 400 << 20, "max-postcopy-bandwidth": bandwidth,
                     "downtime-limit": 1})  # precopy must not finish before the switch
-    src.wait_status({"active"})
-    while src.cmd("query-migrate")["ram"]["dirty-sync-count"] < 2:
-        time.sleep(0.02)
-    src.cmd("migrate-start-postcopy")
-    src.wait_status({"postcopy-active"})
-    dst.wait_status({"postcopy-active"})
+    switch_after_first_pass(src, dst)
     return src, dst
 
 

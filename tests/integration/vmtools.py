@@ -114,6 +114,17 @@ def migrate(src: VM, dst: VM, uri: str = "tcp:127.0.0.1:0", *, caps: list[str] =
     return src.wait_status({"completed", "failed", "cancelled"})
 
 
+def switch_after_first_pass(src: VM, dst: VM) -> None:
+    """Once the first full pass is done (dirty-sync-count 2), switch to postcopy; returns when both
+    sides are postcopy-active."""
+    src.wait_status({"active"})
+    while src.cmd("query-migrate")["ram"]["dirty-sync-count"] < 2:
+        time.sleep(0.02)
+    src.cmd("migrate-start-postcopy")
+    src.wait_status({"postcopy-active"})
+    dst.wait_status({"postcopy-active"})
+
+
 def dump_first_bytes(vm: VM, start: int, size: int) -> np.ndarray:
     path = vm.tmp / f"{vm.name}-{start:x}.ram"
     vm.cmd("pmemsave", val=start, size=size, filename=str(path))
