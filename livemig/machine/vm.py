@@ -179,6 +179,7 @@ class KvmMachine:
         raise GuestError(f"guest-physical address {gpa:#x} is not RAM")
 
     def read_guest(self, gpa: int, n: int) -> bytes:
+        """Bytes of guest RAM, read with the GIL held: never for pages postcopy may not have placed."""
         off = self.gpa_to_offset(gpa)
         return bytes(self.ram[off:off + n])
 
