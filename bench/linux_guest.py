@@ -4,31 +4,35 @@ total time of a precopy, a postcopy and a save/load, all of one guest while it b
     python3 bench/linux_guest.py [--mem 128M] [--runs 1] [--to-shell]
 
 source boots -> precopy to A at PRECOPY_AT -> postcopy (switched at once) to B at POSTCOPY_AT ->
-save to file and load into C at FILE_AT -> C boots on (to the initramfs shell with --to-shell).
+save to file and load into C at FILE_AT -> C finishes the kernel's boot ("Run /init as init
+process"; on to the initramfs shell with --to-shell, which needs a host whose KVM runs guest user
+space: not kvm_pvm, see livemig/machine/pvm_compat.py).
 Milestone times are wall seconds since the source process started, migrations included.
 """
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
-import threading
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from livemig.cli import parse_size, run_migration
+from livemig.console_client import ConsoleClient
 from livemig.guest.linux import COUNTER_PREFIX, INIT_MARKER, prepare
 from livemig.machine.devices import CPU_FULL_VMSD
 from livemig.machine.kvm_devices import CLOCK_VMSD, IOAPIC_VMSD, PIC_VMSD, PIT_VMSD
+from livemig.machine.pvm_compat import host_is_pvm
 from livemig.qmpclient import QMPClient
 
+BOOT_DONE = "Run /init as init process"
 MILESTONES = [
     "Linux version", "Memory:", "printk: console [ttyS0] enabled", "x86/fpu: x87 FPU will use FXSAVE",
     "Freeing SMP alternatives memory", "smp: Brought up 1 node", "devtmpfs: initialized",
-    "NET: Registered PF_NETLINK", "Serial: 8250/16550 driver", "Freeing unused kernel image", INIT_MARKER,
+    "NET: Registered PF_NETLINK", "Serial: 8250/16550 driver", "Freeing unused kernel image", BOOT_DONE,
+    INIT_MARKER,
 ]
 PRECOPY_AT = "x86/fpu: x87 FPU will use FXSAVE"
 POSTCOPY_AT = "Freeing SMP alternatives memory"
@@ -38,33 +42,6 @@ FILE_AT = "devtmpfs: initialized"
 def device_state_bytes() -> int:
     vmsds = [PIT_VMSD, CLOCK_VMSD, PIC_VMSD, PIC_VMSD, IOAPIC_VMSD, CPU_FULL_VMSD]
     return sum(v.fixed_size + sum(s.fixed_size for s in v.subsections) for v in vmsds)
-
-
-class Console:
-    """A client of a `--serial unix:PATH,server=on` console: copies the guest's output into a
-    file and types into the guest."""
-
-    def __init__(self, sock_path: Path, copy_to: Path) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(sock_path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"console {sock_path} does not accept")
-                time.sleep(0.05)
-        self.out = open(copy_to, "ab", buffering=0)
-        threading.Thread(target=self._copy, daemon=True).start()
-
-    def _copy(self) -> None:
-        while data := self.sock.recv(65536):
-            self.out.write(data)
-
-    def type(self, text: str) -> None:
-        self.sock.sendall(text.encode())
 
 
 class Guest:
@@ -84,7 +61,7 @@ class Guest:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise SystemExit(f"{name} did not start: {(tmp / f'{name}.err').read_text()}")
                 time.sleep(0.05)
-        self.console = Console(tmp / f"{name}.console", self.log) if console else None
+        self.console = ConsoleClient(tmp / f"{name}.console", self.log) if console else None
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -112,7 +89,6 @@ def run_once(mem: str, to_shell: bool) -> dict:
         seen = ""
 
         def watch(until: str, timeout: float = 2400) -> None:
-            nonlocal seen
             end = time.monotonic() + timeout
             while True:
                 g = guests[-1]
@@ -159,7 +135,7 @@ def run_once(mem: str, to_shell: bool) -> dict:
             res["load_s"] = time.monotonic() - ts
             guests.append(c)
             if not to_shell:
-                watch("NET: Registered PF_NETLINK")
+                watch(BOOT_DONE)
             else:  # a command typed on the destination's console is answered by busybox's shell
                 watch(INIT_MARKER)
                 watch(f"{COUNTER_PREFIX} 2")
@@ -180,6 +156,10 @@ def main() -> int:
     ap.add_argument("--to-shell", action="store_true", help="wait for the initramfs shell at the end")
     args = ap.parse_args()
     parse_size(args.mem)
+    if args.to_shell and host_is_pvm():
+        print("--to-shell: this host's /dev/kvm is kvm_pvm, which runs no user space of a normal guest "
+              "kernel (see livemig/machine/pvm_compat.py)", file=sys.stderr)
+        return 2
     runs = []
     for i in range(args.runs):
         print(f"run {i + 1}/{args.runs}", flush=True)

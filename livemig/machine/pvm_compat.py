@@ -8,6 +8,13 @@ host with VT-x/AMD-V:
 * ``EmulationFixups.handle()`` runs only on a KVM_EXIT_INTERNAL_ERROR with the emulation suberror:
   it completes the few instructions the emulator gives up on (INT3, UD2, FWAIT, LDMXCSR, STMXCSR)
   the way a CPU would.
+
+What no VMM can fix: kvm_pvm delivers a system call from guest user mode as a PVM event to the
+entry point a PVM-aware guest kernel registers (MSR_PVM_EVENT_ENTRY). A normal kernel registers
+none, so its user processes die at their first system call: SYSCALL lands at the kernel's entry
+address still in user mode (a page fault: SIGSEGV) and INT 0x80 raises #UD (measured with Debian's
+6.1 kernel, a 64-bit and a 32-bit /init). A normal guest boots to ``Run /init as init process``
+here and no further; its user space needs VT-x/AMD-V or a PVM-aware guest kernel.
 """
 from __future__ import annotations
 
@@ -23,12 +30,16 @@ CPUID_1_ECX_CX16 = 1 << 13
 
 # noxsave: XRSTOR is not emulated; clearcpuid: nor are POPCNT and friends, nor the SSE moves of the
 # kernel's SIMD crypto (blake2s, crc32c, AES-NI... fall back to plain C without these flags).
-# The guest kernel runs ~1000x slower than native, so its lockup and RCU stall detectors would
-# fire: turn them off; and skip ftrace's boot-time check of its 40,000 call sites (a kallsyms
-# lookup each: minutes here).
+# The guest kernel runs ~1000x slower than native, so: its lockup and RCU stall detectors would
+# fire (turn them off); and boot-time work that only costs time is skipped: the crypto self-tests
+# (run all at once in the late initcall crypto_algapi_init: over 8 minutes here), ftrace's check
+# of its 40,000 call sites and the kprobe-events setup (kallsyms lookups: minutes each), two more
+# self-tests (kdf108, blake2s), the speculation mitigations (return thunks on every call) and,
+# with rodata=off, the write-protection of kernel text whose W+X page-table walk takes 4 minutes.
 PVM_CMDLINE = ("noxsave clearcpuid=popcnt,smap,smep,fsgsbase,pcid,invpcid,rdpid,rdtscp,bmi1,bmi2,abm,"
                "ssse3,sse4_1,sse4_2,avx,avx2,avx512f,aes,pclmulqdq,sha_ni,fma,f16c,adx "
-               "nowatchdog rcupdate.rcu_cpu_stall_suppress=1 initcall_blacklist=ftrace_check_for_weak_functions")
+               "nowatchdog rcupdate.rcu_cpu_stall_suppress=1 cryptomgr.notests mitigations=off rodata=off "
+               "initcall_blacklist=ftrace_check_for_weak_functions,init_kprobe_trace,crypto_kdf108_init,blake2s_mod_init")
 
 
 def host_is_pvm() -> bool:
