@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -221,9 +223,16 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
                     f"left {_fmt_bytes(ram.get('remaining', 0))} "
                     f"{ram.get('mbps', 0):.0f} Mbit/s exp.downtime {i.get('expected-downtime', '-')} ms")
 
+    # Ctrl-C only raises a flag that the loop reads between QMP calls: a KeyboardInterrupt raised
+    # in the middle of a QMP exchange or inside rich's locks could leave the client half-way
+    # through a reply or a lock held, and the cancel after it would hang.
+    interrupted = threading.Event()
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     try:
         with Live(Text("starting"), console=console, refresh_per_second=10, transient=False) as live:
-            while True:
+            while not interrupted.is_set():
                 info = src.cmd("query-migrate")
                 samples.append(sample(time.monotonic() - t0, info))
                 live.update(line(info))
@@ -237,11 +246,14 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
                 if time.monotonic() - t0 > timeout:
                     src.cmd("migrate_cancel")
                 time.sleep(0.1)
-    except KeyboardInterrupt:
-        console.print("cancelling the migration (Ctrl-C)")
-        src.cmd("migrate_cancel")
-        while (info := src.cmd("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
-            time.sleep(0.05)
+        if interrupted.is_set():
+            console.print("cancelling the migration (Ctrl-C)")
+            src.cmd("migrate_cancel")
+            while (info := src.cmd("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+                time.sleep(0.05)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     dinfo = {}
     for _ in range(100):
         dinfo = dst.cmd("query-migrate")
