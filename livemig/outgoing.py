@@ -27,7 +27,7 @@ class LinkLost(MigrationError):
     """A connection of the migration broke (or migrate-pause cut it): postcopy can recover."""
 from .multifd import MultifdSender
 from .options import MigrationOptions
-from .ramblock import TPS, RamBlock, run_bounds, unpack_bitmap
+from .ramblock import TPS, RamBlock, nonzero_pages, run_bounds, unpack_bitmap
 from .stats import RamStats
 from .tls import TlsEndpoint
 from .transport import URI, Channel, connect
@@ -191,7 +191,7 @@ class PageChannel:
         first = int(idx[0])
         contiguous = int(idx[-1]) - first + 1 == n
         pages64 = self.block.u64[first:first + n] if contiguous else self.block.u64[idx]
-        nonzero = pages64.max(axis=1) != 0
+        nonzero = nonzero_pages(pages64)
         if nonzero.all():
             zero_idx, page_idx = idx[:0], idx
         else:

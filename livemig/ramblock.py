@@ -23,6 +23,17 @@ class RamBlock:
         self.u64 = self.u8.view(np.uint64).reshape(self.npages, TPS // 8)
 
 
+def nonzero_pages(pages64: np.ndarray) -> np.ndarray:
+    """Which rows (pages as 512 uint64 words) hold a nonzero byte. A page whose first word is
+    nonzero is decided by that word; only the others are read whole (most pages in use start
+    with a nonzero word, so this reads 8 bytes of them instead of 4 KiB)."""
+    nz = pages64[:, 0] != 0
+    if not nz.all():
+        rest = np.flatnonzero(~nz)
+        nz[rest] = pages64[rest].max(axis=1) != 0
+    return nz
+
+
 def unpack_bitmap(words: np.ndarray, npages: int) -> np.ndarray:
     """KVM-style uint64 bitmap (little-endian bit order) -> bool array of `npages`."""
     bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), bitorder="little", count=npages)

@@ -1,0 +1,24 @@
+"""ramblock.nonzero_pages: the zero-page test of the send path, against a plain full scan."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from livemig.ramblock import nonzero_pages
+
+
+@given(st.lists(st.tuples(st.integers(0, 511), st.integers(0, 2**64 - 1)), max_size=40),
+       st.integers(1, 16))
+def test_same_answer_as_a_full_scan(writes, npages):
+    pages = np.zeros((npages, 512), dtype=np.uint64)
+    for i, (word, value) in enumerate(writes):
+        pages[i % npages, word] = value
+    assert np.array_equal(nonzero_pages(pages), pages.max(axis=1) != 0)
+
+
+def test_a_page_nonzero_only_in_its_last_byte_is_nonzero():
+    pages = np.zeros((3, 512), dtype=np.uint64)
+    pages[1].view(np.uint8)[-1] = 1
+    pages[2, 0] = 7
+    assert nonzero_pages(pages).tolist() == [False, True, True]
