@@ -146,7 +146,6 @@ def test_save_to_file_and_load_in_fresh_process(chain):
     chain["current"] = dst
 
 
-
 def test_kernel_finishes_booting_on_the_destination(chain):
     """After three migrations the kernel runs every initcall to its end and starts /init."""
     vm = _current(chain)
