@@ -190,8 +190,7 @@ class PageChannel:
         n = idx.size
         first = int(idx[0])
         contiguous = int(idx[-1]) - first + 1 == n
-        pages64 = self.block.u64[first:first + n] if contiguous else self.block.u64[idx]
-        nonzero = nonzero_pages(pages64)
+        nonzero = nonzero_pages(self.block.u64, idx)
         if nonzero.all():
             zero_idx, page_idx = idx[:0], idx
         else:

@@ -23,14 +23,14 @@ class RamBlock:
         self.u64 = self.u8.view(np.uint64).reshape(self.npages, TPS // 8)
 
 
-def nonzero_pages(pages64: np.ndarray) -> np.ndarray:
-    """Which rows (pages as 512 uint64 words) hold a nonzero byte. A page whose first word is
-    nonzero is decided by that word; only the others are read whole (most pages in use start
-    with a nonzero word, so this reads 8 bytes of them instead of 4 KiB)."""
-    nz = pages64[:, 0] != 0
+def nonzero_pages(u64: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Which pages `idx` of `u64` (one row of 512 uint64 words a page) hold a nonzero byte. A page
+    whose first word is nonzero is decided by that word; only the others are read whole (most
+    pages in use start with a nonzero word: 8 bytes read instead of 4 KiB, and nothing copied)."""
+    nz = u64[idx, 0] != 0
     if not nz.all():
         rest = np.flatnonzero(~nz)
-        nz[rest] = pages64[rest].max(axis=1) != 0
+        nz[rest] = u64[idx[rest]].max(axis=1) != 0
     return nz
 
 

@@ -32,7 +32,7 @@ CPUID_1_ECX_CX16 = 1 << 13
 # kernel's SIMD crypto (blake2s, crc32c, AES-NI... fall back to plain C without these flags).
 # The guest kernel runs ~1000x slower than native, so: its lockup and RCU stall detectors would
 # fire (turn them off); and boot-time work that only costs time is skipped: the crypto self-tests
-# (run all at once in the late initcall crypto_algapi_init: over 8 minutes here), ftrace's check
+# (run all at once in the late initcall crypto_algapi_init: more than 4 minutes here), ftrace's check
 # of its 40,000 call sites and the kprobe-events setup (kallsyms lookups: minutes each), two more
 # self-tests (kdf108, blake2s), the speculation mitigations (return thunks on every call) and,
 # with rodata=off, the write-protection of kernel text whose W+X page-table walk takes 4 minutes.
