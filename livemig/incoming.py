@@ -490,13 +490,21 @@ class Incoming:
             dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size, self.block.page_size)], {},
                                   postcopy=True, bare_ram=True, buffer_size=1 << 20)
             placer = Placer(self.pc)
+            lone = placer.hp == 1  # 4 KiB host pages: a lone page record is placed as it stands
+            base = dec.buffer_address
             while True:
                 n = chan.recv_into(dec.space())
                 if n == 0:
                     dec.finish()
                     return
                 dec.commit(n)
-                while (ev := dec.next_event()) is not None:
+                while True:
+                    if lone and (rec := dec.next_page_record()) is not None:
+                        placer.place_one_at(rec[0] // TPS, base + rec[1])
+                        self.stats.normal += 1
+                        continue
+                    if (ev := dec.next_event()) is None:
+                        break
                     idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
                     if isinstance(ev, D.Pages):
                         placer.place_pages(idx, ev.data)

@@ -66,6 +66,11 @@ class Writer:
         self.chan.sendall(data)
         self.sent += memoryview(data).nbytes
 
+    def send_parts(self, *parts) -> None:
+        """Send now, after anything buffered: one scatter-gather send of `parts`."""
+        self.flush()
+        self.sent += self.chan.sendmsg_all(list(parts))
+
     def flush(self) -> None:
         if self.buf:
             self.chan.sendall(self.buf)
@@ -156,6 +161,17 @@ class RamSender:
             self.scan = first + count if first + count < self.block.npages else 0
             return hits
 
+    def take_one(self, page: int) -> bool:
+        """take() of one page, without building arrays (the common page request): True if it was
+        still dirty (now claimed by the caller)."""
+        with self.lock:
+            self.scan = page + 1 if page + 1 < self.block.npages else 0
+            if not self.dirty[page]:
+                return False
+            self.dirty[page] = False
+            self.ndirty -= 1
+            return True
+
     def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> None:
         """Send pages on the main channel (data pages on the multifd channels, if given)."""
         self.main.send(idx, multifd)
@@ -173,14 +189,14 @@ class PageChannel:
         self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
 
     def send_one(self, page: int) -> None:
-        """One page as one record (the common case of a requested 4 KiB page), without batching."""
-        data = self.block.u8[page]
+        """One page as one record, sent at once (the common case of a requested 4 KiB page):
+        header and page go out in one scatter-gather send straight from guest RAM."""
         name = None if self.named else self.block.name
-        if data.any():
-            self.w.write(WR.page_header(page * TPS, WR.FLAG_PAGE, name) + data.tobytes())
+        if self.block.u64[page, 0] or self.block.u8[page].any():
+            self.w.send_parts(WR.page_header(page * TPS, WR.FLAG_PAGE, name), self.block.u8[page])
             self.stats.normal += 1
         else:
-            self.w.write(WR.page_header(page * TPS, WR.FLAG_ZERO, name) + b"\x00")
+            self.w.send_parts(WR.page_header(page * TPS, WR.FLAG_ZERO, name) + b"\x00")
             self.stats.duplicate += 1
         self.named = True
 
@@ -834,6 +850,10 @@ class Outgoing:
             if self.preempt is None:
                 return False
             first, count = start // TPS, length // TPS
+            if count == 1:  # a 4 KiB host page: no arrays
+                if self.sender.take_one(first) or self.opts.param("x-preempt-resend"):
+                    self.preempt.send_one(first)
+                return True
             idx = self.sender.take(first, count)
             if not idx.size:
                 # already claimed by the background push, so somewhere in the main channel's queue.
@@ -842,10 +862,7 @@ class Outgoing:
                 if not self.opts.param("x-preempt-resend"):
                     return True
                 idx = np.arange(first, first + count)
-            if idx.size == 1:
-                self.preempt.send_one(int(idx[0]))
-            else:
-                self.preempt.send(idx)
+            self.preempt.send(idx)
             self.preempt.w.flush()
             return True
 

@@ -109,12 +109,17 @@ class PostcopyDestination:
         self.received[a:b] = True
         self.nonzero[a:b] = nonzero
         if self.requested[a:b].any():
-            now = time.monotonic()
-            with self.lock:
-                for p in (np.flatnonzero(self.requested[a:b]) + a).tolist():
-                    self.requested[p] = False
-                    t0, vcpu = self.fault_time.pop(p, (now, -1))
-                    self._account(now, now - t0, vcpu)
+            for p in (np.flatnonzero(self.requested[a:b]) + a).tolist():
+                self._requested_arrived(p)
+
+    def _requested_arrived(self, page: int) -> None:
+        """A requested page is placed: its fault latency counts."""
+        now = time.monotonic()
+        with self.lock:
+            if self.requested[page]:
+                self.requested[page] = False
+                t0, vcpu = self.fault_time.pop(page, (now, -1))
+                self._account(now, now - t0, vcpu)
 
     def _account(self, now: float, lat: float, vcpu: int) -> None:
         self.latencies.append(lat)
@@ -137,7 +142,7 @@ class PostcopyDestination:
         page_of = self.addr
         while True:
             events = dict(poller.poll())
-            if self._stop_r in events:
+            if self._stop_r in events or events.get(self.uffd.fd, 0) & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                 return
             try:
                 faults = self.uffd.read_faults()
@@ -255,11 +260,18 @@ class Placer:
             self._place_runs(part, copy=True)
 
     def _place_one(self, page: int, data: np.ndarray) -> None:
-        """A lone page (a requested page, typically): copy it straight from the receive buffer."""
+        self.place_one_at(page, data.ctypes.data)
+
+    def place_one_at(self, page: int, src: int) -> None:
+        """A lone page (a requested page, typically): one UFFDIO_COPY straight from the receive
+        buffer at address `src`, and scalar bookkeeping (4 KiB host pages only)."""
         pc = self.pc
         if not pc.received[page]:
-            pc.uffd.copy(pc.addr + page * TPS, data.ctypes.data, TPS, self.copy_buf)
-        pc._placed(page, page + 1, True)
+            pc.uffd.copy(pc.addr + page * TPS, src, TPS, self.copy_buf)
+        pc.received[page] = True
+        pc.nonzero[page] = True
+        if pc.requested[page]:
+            pc._requested_arrived(page)
 
     def place_zero_pages(self, idx: np.ndarray) -> None:
         if self.hp > 1:

@@ -21,6 +21,7 @@ from .vmstate import VMStateDescription, decode as vmstate_decode
 
 TPS = R.TARGET_PAGE_SIZE
 _PAGE_MASK = TPS - 1
+_BE64 = struct.Struct(">Q")
 _CP = R.FLAG_CONTINUE | R.FLAG_PAGE
 _CZ = R.FLAG_CONTINUE | R.FLAG_ZERO
 VMDESC_KEEP = 1 << 20  # bytes of vmdesc JSON kept; the rest is drained
@@ -191,6 +192,11 @@ class StreamDecoder:
         self.package_skip = 0  # bytes of the blob left after its POSTCOPY_RUN (QEMU drops them)
 
     # -- buffer management
+    @property
+    def buffer_address(self) -> int:
+        """Address of the receive buffer (fixed for the decoder's life)."""
+        return self._arr.ctypes.data
+
     def space(self, min_free: int = 64 << 10) -> memoryview:
         """Writable tail of the buffer for recv_into. Invalidates earlier Pages views."""
         if len(self.buf) - self.end < min_free and self.start > 0:
@@ -467,6 +473,22 @@ class StreamDecoder:
             raise ProtocolError(f"RAM block list is longer than the announced total 0x{total:x} bytes "
                                 "(the total does not match the block list)")
         return RamSetup(blocks)
+
+    def next_page_record(self) -> tuple[int, int] | None:
+        """Fast path of the postcopy-preempt channel, where a requested page usually arrives
+        alone: if the buffer starts with one whole CONTINUE|PAGE record, consume it and return
+        (page offset, position of its data in `buf`); otherwise None (then use next_event, which
+        also reports a bad record). The data stays valid until the next space()."""
+        if not self.bare_ram or self.last_block is None or self.end - self.start < R.PAGE_RECORD:
+            return None
+        (word,) = _BE64.unpack_from(self.buf, self.start)
+        offset = word & ~_PAGE_MASK
+        if word & _PAGE_MASK != _CP or offset + TPS > self.blocks[self.last_block].length:
+            return None
+        pos = self.start + 8
+        self.start = pos + TPS
+        self.bytes_consumed += R.PAGE_RECORD
+        return offset, pos
 
     def _ram_run(self):
         """Vectorised path: a run of CONTINUE|PAGE or CONTINUE|ZERO records."""

@@ -45,3 +45,19 @@ def test_latency_is_accounted_for_requested_pages(dest):
     pc.place_pages(np.array([5]), np.ones((1, 4096), np.uint8))
     assert not pc.requested[5] and len(pc.latencies) == 1
     assert pc.stats()["postcopy-non-vcpu-latency"] > 0
+
+
+def test_lone_page_from_a_receive_buffer(dest):
+    """place_one_at (the preempt channel's lone page): placed from a raw address, marked received,
+    its fault latency counted once; a second copy of the page leaves the first in place."""
+    pc, ram, rec = dest
+    buf = np.full(4096, 7, np.uint8)
+    pc.requested[12] = True
+    pc.fault_time[12] = (0.0, -1)
+    placer = pc.main_placer
+    placer.place_one_at(12, buf.ctypes.data)
+    assert (ram[12] == 7).all() and rec[12] and pc.nonzero[12] and not pc.requested[12]
+    assert len(pc.latencies) == 1
+    other = np.full(4096, 9, np.uint8)
+    placer.place_one_at(12, other.ctypes.data)
+    assert (ram[12] == 7).all() and len(pc.latencies) == 1
