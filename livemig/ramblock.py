@@ -27,10 +27,17 @@ def nonzero_pages(u64: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Which pages `idx` of `u64` (one row of 512 uint64 words a page) hold a nonzero byte. A page
     whose first word is nonzero is decided by that word; only the others are read whole (most
     pages in use start with a nonzero word: 8 bytes read instead of 4 KiB, and nothing copied)."""
-    nz = u64[idx, 0] != 0
+    first, n = int(idx[0]), idx.size
+    contiguous = int(idx[-1]) - first + 1 == n
+    nz = (u64[first:first + n, 0] if contiguous else u64[idx, 0]) != 0
     if not nz.all():
         rest = np.flatnonzero(~nz)
-        nz[rest] = u64[idx[rest]].max(axis=1) != 0
+        if contiguous and rest.size * 4 >= n * 3:
+            # mostly candidates (an untouched region, say): reduce the pages where they lie, with
+            # no gather copy; the few pages already decided are read along
+            nz = np.bitwise_or.reduce(u64[first:first + n], axis=1) != 0
+        else:
+            nz[rest] = np.bitwise_or.reduce(u64[idx[rest]], axis=1) != 0
     return nz
 
 

@@ -17,6 +17,20 @@ def test_same_answer_as_a_full_scan(writes, npages):
     idx = np.arange(npages)
     assert np.array_equal(nonzero_pages(pages, idx), pages.max(axis=1) != 0)
     assert np.array_equal(nonzero_pages(pages, idx[::2]), pages[::2].max(axis=1) != 0)
+    a = len(writes) % npages  # a contiguous run that starts inside the block
+    assert np.array_equal(nonzero_pages(pages, idx[a:]), pages[a:].max(axis=1) != 0)
+
+
+def test_contiguous_batches_mostly_zero_and_mostly_used():
+    """Both ways of reading a contiguous batch: in place (mostly candidates) and gathered (few)."""
+    pages = np.zeros((64, 512), dtype=np.uint64)
+    pages[5, 511] = 1  # nonzero, but not in its first word
+    mostly_zero = nonzero_pages(pages, np.arange(64))
+    pages[:, 0] = 1
+    pages[[5, 9], 0] = 0
+    mostly_used = nonzero_pages(pages, np.arange(64))
+    assert np.flatnonzero(mostly_zero).tolist() == [5]
+    assert np.flatnonzero(~mostly_used).tolist() == [9]
 
 
 def test_a_page_nonzero_only_in_its_last_byte_is_nonzero():
