@@ -456,9 +456,13 @@ class Outgoing:
 
     def _threshold(self) -> float:
         """Bytes that fit the downtime limit: measured bandwidth x downtime-limit. The bandwidth is the
-        lower of the last 100 ms window and the average since the last sync, so that one fast window
-        does not trigger a switchover the link cannot finish in time."""
+        lower of the last 100 ms window (before the first one ends: the average so far) and the
+        average since the last sync, so that one fast window does not trigger a switchover the link
+        cannot finish in time."""
         bw = self.bandwidth
+        if not bw:  # no 100 ms window has ended yet (a fast first pass): the average so far
+            elapsed = time.monotonic() - self._window_start
+            bw = (self._sent() - self._window_bytes0) / elapsed if elapsed > 0 else 0.0
         dt = time.monotonic() - self._pass_t0
         if dt >= RATE_WINDOW_S:
             bw = min(bw, (self._sent() - self._pass_bytes0) / dt)
