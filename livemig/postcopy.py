@@ -161,6 +161,9 @@ class PostcopyDestination:
                     vcpu = tids.index(tid) if tid in tids else -1
                     if not self.requested[page]:
                         self.requested[page] = True
+                        if self.received[page]:  # placed since the check above: the placer saw
+                            self.requested[page] = False  # no request, so there is none
+                            continue
                         self.fault_time[page] = (now, vcpu)
                         if vcpu >= 0:
                             self._block(vcpu, now, len(tids))
