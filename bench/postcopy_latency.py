@@ -1,7 +1,7 @@
 """Remote-fault latency of livemig postcopy, with and without postcopy-preempt, on the shared
 harness's dirtying guest (all RAM), switched to postcopy after the first pass.
 
-    python3 bench/postcopy_latency.py [--mem 1G] [--reps 3]
+    python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt]
 
 Prints per run and the medians: downtime, switchover -> complete, page requests, destination
 blocktime, and fault -> placement latency p50 / p99 (livemig's own `x-livemig-postcopy`).
@@ -49,10 +49,14 @@ def main() -> None:
     ap.add_argument("--mem", default="1G")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
+    ap.add_argument("--modes", default="main,preempt", help="which of main,preempt to run (comma-separated)")
     a = ap.parse_args()
-    results: dict[bool, list[dict]] = {False: [], True: []}
+    modes = [m == "preempt" for m in a.modes.split(",")]
+    if not modes or any(m not in ("main", "preempt") for m in a.modes.split(",")):
+        ap.error("--modes takes main, preempt or both")
+    results: dict[bool, list[dict]] = {m: [] for m in modes}
     for _ in range(a.reps):
-        for preempt in (False, True):
+        for preempt in modes:
             r = one(a.mem, preempt, not a.no_resend)
             results[preempt].append(r)
             print(("preempt " if preempt else "main    "), r, flush=True)

@@ -1074,8 +1074,7 @@ class Outgoing:
         try:
             while True:
                 n = chan.recv_into(buf)
-                data = bytes(buf[:n])
-                if not data:
+                if not n:
                     if self.shut_value is None and self.state.status not in S.FINISHED:
                         self.rp_io = True
                         self.rp_error = "destination closed the return path before completion"
@@ -1083,9 +1082,11 @@ class Outgoing:
                             self.rp_error += (" (it never answered: see its error; a destination with tls-creds "
                                               "set refuses a plaintext source)")
                     break
-                dec.feed(data)
+                dec.feed(memoryview(buf)[:n])
                 while (msg := dec.next_message()) is not None:
-                    if isinstance(msg, RPW.Pong):
+                    if isinstance(msg, RPW.ReqPages):
+                        self._queue_request(msg)
+                    elif isinstance(msg, RPW.Pong):
                         self.pongs.append(msg.value)
                         if msg.value == WS.PING_PACKAGED_LOADED:
                             self.package_loaded.set()
@@ -1093,8 +1094,6 @@ class Outgoing:
                         self.shut_value = msg.value
                         self.shut.set()
                         return
-                    elif isinstance(msg, RPW.ReqPages):
-                        self._queue_request(msg)
                     elif isinstance(msg, RPW.RecvBitmap) and self.state.status == S.POSTCOPY_RECOVER:
                         self.bitmap = msg.bitmap
                         self.bitmap_event.set()

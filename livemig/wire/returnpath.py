@@ -31,6 +31,7 @@ class RP(enum.IntEnum):
 
 _FIXED = {RP.SHUT: 4, RP.PONG: 4, RP.REQ_PAGES: 12, RP.RESUME_ACK: 4, RP.SWITCHOVER_ACK: 0}
 _HDR = struct.Struct(">HH")
+_REQ_ID = struct.Struct(">HHQIB")  # REQ_PAGES_ID: header, start, length, name length
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,20 @@ class RPDecoder:
         self.bitmap_sizes = bitmap_sizes or {}
         self.last_block: str | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._buf += data
 
     def next_message(self) -> RPMessage | None:
         """One decoded message, or None if more bytes are needed. Raises ProtocolError on bad input."""
+        buf = self._buf
+        if len(buf) > _REQ_ID.size:  # a page request, the message that waits on a guest: directly
+            t, n, start, length, name_len = _REQ_ID.unpack_from(buf)
+            end = 4 + n
+            if t == RP.REQ_PAGES_ID and name_len and n == 13 + name_len and len(buf) >= end and buf[17:end].isascii():
+                block = buf[17:end].decode("ascii")
+                del buf[:end]
+                self.last_block = block
+                return ReqPages(start, length, block)
         cur = Cursor(self._buf)
         try:
             msg = self._parse(cur)

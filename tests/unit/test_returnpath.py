@@ -128,3 +128,17 @@ def test_tls_records_on_a_plaintext_return_path_are_named():
             decode_all(record)
     with pytest.raises(ProtocolError, match=r"unknown message type 4660$"):
         decode_all(b"\x12\x34\x00\x00")
+
+
+def test_malformed_page_requests_are_refused():
+    """The direct path for REQ_PAGES_ID takes only well-formed ones; the rest get the decoder's errors."""
+    good = RP.req_pages(0x1000, 0x1000, "pc.ram")
+    cases = [
+        (struct.pack(">HHQIB", 3, 13, 0x1000, 0x1000, 0), "too short"),  # no name
+        (good[:16] + b"\x05" + b"pc.ram", "does not match name length"),
+        (good[:17] + "pc.räm".encode("latin-1"), "not ASCII"),
+    ]
+    for data, err in cases:
+        with pytest.raises(ProtocolError, match=err):
+            decode_all(data)
+    assert decode_all(good) == [RP.ReqPages(0x1000, 0x1000, "pc.ram")]
