@@ -2,7 +2,8 @@
 
     python3 bench/delay_relay.py LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT DELAY_MS
 
-Every accepted connection gets its own connection to the target; bytes read on one side are held
+Every accepted connection gets its own connection to the target, and each direction its own
+process (no GIL shared between the bulk stream and the return path); bytes read on one side are held
 until `DELAY_MS / 2` after they were read, then written to the other side (so the round trip
 gains DELAY_MS). At most 1 MiB is held per direction, so a slow link behind the relay slows the
 sender down as the link itself would. Order and content are kept; EOF is passed on after the data
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
+import signal
 import socket
 import sys
 import threading
@@ -20,6 +23,7 @@ import time
 
 CHUNK = 256 << 10
 MAX_HELD = 1 << 20  # in flight inside the relay (the kernel's socket buffers hold more)
+PR_SET_PDEATHSIG = 1
 
 
 def _tight_timers() -> None:
@@ -86,8 +90,22 @@ def main() -> int:
         b = socket.create_connection((thost, tport))
         for s in (a, b):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=_pipe, args=(a, b, one_way), daemon=True).start()
-        threading.Thread(target=_pipe, args=(b, a, one_way), daemon=True).start()
+        # each direction in its own process: a page request on the return path must not wait
+        # for the GIL of a process that is busy relaying the bulk stream the other way
+        for src, dst in ((a, b), (b, a)):
+            if os.fork() == 0:
+                ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the relay
+                srv.close()
+                _pipe(src, dst, one_way)
+                os._exit(0)
+        a.close()
+        b.close()
+        while True:  # reap the directions that ended
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Per link: precopy of a prefilled guest (16 MiB working set, which converges on 1
 postcopy (one channel, and with postcopy-preempt) of a guest dirtying all RAM, switched after the first pass; each run ends with
 the integrity check; prints medians of total
 time, downtime, throughput and, for postcopy, remote-fault latency p50/p99 (fault -> placement,
-livemig's `x-livemig-postcopy`) against the link's RTT.
+livemig's `x-livemig-postcopy`) against the link's RTT, both the added one and the one measured
+through the relay before the runs (a 32-byte ping-pong: the relay, being Python, adds its own).
 """
 from __future__ import annotations
 
@@ -28,6 +29,56 @@ from livemig.guest.image import make_image
 HERE = Path(__file__).resolve().parent
 SRC_IP, DST_IP = "10.231.7.1", "10.231.7.2"
 MIG_PORT, RELAY_PORT = 4444, 4445
+ECHO_PORT, PROBE_PORT = 4446, 4447
+ECHO = """
+import socket
+srv = socket.create_server(("{ip}", {port}))
+print("ready", flush=True)
+c, _ = srv.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while d := c.recv(65536):
+    c.sendall(d)
+"""
+PING = """
+import socket, statistics, time
+c = socket.create_connection(("{ip}", {port}))
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+ts = []
+for _ in range(200):
+    t = time.perf_counter()
+    c.sendall(bytes(32))
+    n = 0
+    while n < 32:
+        n += len(c.recv(32 - n))
+    ts.append(time.perf_counter() - t)
+print(statistics.median(ts) * 1e6)
+"""
+
+
+def measured_rtt(link: "Link", delay_ms: float) -> float:
+    """Median round trip (us) of a 32-byte ping-pong across the emulated link, through the same
+    delaying relay as the migration, with nothing else running: what the relay really adds."""
+    procs = []
+    try:
+        echo = subprocess.Popen(["ip", "netns", "exec", link.dst, sys.executable, "-c",
+                                 ECHO.format(ip=DST_IP, port=ECHO_PORT)], stdout=subprocess.PIPE, text=True)
+        procs.append(echo)
+        echo.stdout.readline()
+        target = (DST_IP, ECHO_PORT)
+        if delay_ms:
+            relay = subprocess.Popen(["ip", "netns", "exec", link.src, sys.executable, str(HERE / "delay_relay.py"),
+                                      SRC_IP, str(PROBE_PORT), DST_IP, str(ECHO_PORT), str(delay_ms)],
+                                     stdout=subprocess.PIPE, text=True)
+            procs.append(relay)
+            relay.stdout.readline()
+            target = (SRC_IP, PROBE_PORT)
+        out = subprocess.run(["ip", "netns", "exec", link.src, sys.executable, "-c",
+                              PING.format(ip=target[0], port=target[1])], capture_output=True, text=True, timeout=60)
+        return float(out.stdout.strip())
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def sh(*cmd: str) -> None:
@@ -116,6 +167,8 @@ def main() -> int:
         rate, rtt = spec.split(":")
         link = Link(rate)
         try:
+            rtt_us = measured_rtt(link, float(rtt))
+            print(f"{rate} rtt+{rtt} ms: measured round trip through the relay {rtt_us:.0f} us", flush=True)
             for mode in ("precopy", "postcopy", "postcopy+preempt"):
                 runs = [one(link, float(rtt), args.mem, mode != "precopy", mode.endswith("preempt"))
                         for _ in range(args.reps)]
@@ -124,18 +177,20 @@ def main() -> int:
                     bad += r.get("integrity") != "ok"
                 ok = [r for r in runs if r["status"] == "completed"]
                 med = (lambda k: statistics.median(r[k] for r in ok) if ok and ok[0].get(k) is not None else None)
-                rows.append((rate, rtt, mode, len(ok), len(runs), med("total_ms"),
+                rows.append((rate, rtt, rtt_us, mode, len(ok), len(runs), med("total_ms"),
                              med("downtime_ms"), med("MBps"), med("switch_to_complete_s"), med("p50_us"), med("p99_us")))
         finally:
             link.close()
     print(f"\n## livemig on emulated links ({args.mem} guest, {args.reps} runs each, medians)\n")
-    print("| link | added RTT | mode | completed | total ms | downtime ms | MB/s | switch->complete s | fault p50 us | fault p99 us | p50 / RTT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| link | added RTT | measured RTT us | mode | completed | total ms | downtime ms | MB/s | switch->complete s "
+          "| fault p50 us | fault p99 us | p50 / added RTT | p50 / measured RTT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = (lambda v, fmt="{:.0f}": "-" if v is None else fmt.format(v))
-    for rate, rtt, mode, nd, nr, tot, down, mbps, sw, p50, p99 in rows:
+    for rate, rtt, rtt_us, mode, nd, nr, tot, down, mbps, sw, p50, p99 in rows:
         ratio = f(p50 / (float(rtt) * 1000) if p50 else None, "{:.1f}x")
-        print(f"| {rate} | {rtt} ms | {mode} | {nd}/{nr} | {f(tot)} | {f(down)} | {f(mbps)} | {f(sw, '{:.2f}')} "
-              f"| {f(p50)} | {f(p99)} | {ratio} |")
+        mratio = f(p50 / rtt_us if p50 else None, "{:.1f}x")
+        print(f"| {rate} | {rtt} ms | {rtt_us:.0f} | {mode} | {nd}/{nr} | {f(tot)} | {f(down)} | {f(mbps)} "
+              f"| {f(sw, '{:.2f}')} | {f(p50)} | {f(p99)} | {ratio} | {mratio} |")
     if bad:
         print(f"\n{bad} run(s) FAILED the integrity check or did not complete")
     return 1 if bad else 0
