@@ -117,10 +117,8 @@ def test_large_vectorised_run_matches_record_by_record():
 record = st.tuples(st.sampled_from(["page", "zero"]), st.integers(0, 2), st.integers(0, 63), st.booleans())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(record, max_size=25), st.integers(1, 9000), st.integers(0, 2**32 - 1))
-def test_random_records_round_trip(records, chunk, seed):
-    """Any sequence of named / CONTINUE / ZERO records decodes to exactly what was encoded."""
+def _encode(records, seed: int) -> tuple[bytes, list]:
+    """The RAM records drawn by `record` (random page contents from `seed`), and what they decode to."""
     rng = np.random.default_rng(seed)
     part = bytearray()
     exp = []
@@ -137,7 +135,15 @@ def test_random_records_round_trip(records, chunk, seed):
             part += R.page_header(off, R.FLAG_ZERO, name) + b"\x00"
             exp.append(("zero", b.name, off, None))
         last = b.name
-    stream = _ram_stream(bytes(part))
+    return bytes(part), exp
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(record, max_size=25), st.integers(1, 9000), st.integers(0, 2**32 - 1))
+def test_random_records_round_trip(records, chunk, seed):
+    """Any sequence of named / CONTINUE / ZERO records decodes to exactly what was encoded."""
+    part, exp = _encode(records, seed)
+    stream = _ram_stream(part)
     dec = D.StreamDecoder(LOCAL, {})
     ev = []
     for i in range(0, len(stream), chunk):
@@ -183,19 +189,8 @@ def _bare_decode(stream: bytes, chunk: int, fast: bool) -> list:
 def test_preempt_fast_path_matches_the_decoder(records, chunk, seed):
     """next_page_record takes only whole CONTINUE|PAGE records, and together with next_event
     yields exactly what next_event alone yields, however the bytes arrive."""
-    rng = np.random.default_rng(seed)
-    part = bytearray()
-    last = None
-    for kind, bi, pg, use_continue in records:
-        b = BLOCKS[bi]
-        off = (pg % (b.length // TPS)) * TPS
-        name = None if (use_continue and last == b.name) else b.name
-        if kind == "page":
-            part += R.page_header(off, R.FLAG_PAGE, name) + rng.integers(0, 256, TPS, dtype=np.uint8).tobytes()
-        else:
-            part += R.page_header(off, R.FLAG_ZERO, name) + b"\x00"
-        last = b.name
-    assert _bare_decode(bytes(part), chunk, True) == _bare_decode(bytes(part), chunk, False)
+    part, _ = _encode(records, seed)
+    assert _bare_decode(part, chunk, True) == _bare_decode(part, chunk, False)
 
 
 def test_preempt_fast_path_leaves_bad_records_to_the_decoder():
