@@ -13,7 +13,9 @@ fewest Python lines that can carry it (the same hops as a livemig postcopy-preem
 Latency is counted as livemig counts it: fault message read -> page placed. With `--load`, a
 bulk stream runs beside it as livemig's background push does (a source thread sending 256 KiB
 chunks as fast as it can, a destination thread receiving them and copying them into memory),
-in the same two processes, so it competes for the cores and for each process's GIL.
+in the same two processes, so it competes for the cores and for each process's GIL. The third
+case sends the requests on the bulk socket (as a return path shares the main connection): each
+then waits for the socket lock that the bulk sends and receives hold.
 
     python3 bench/fault_floor.py [--pages 20000] [--reps 3]
 """
@@ -138,24 +140,28 @@ def destination(req: socket.socket, pages: socket.socket, bulk: socket.socket | 
     return lat
 
 
-def one(npages: int, load: bool) -> dict:
+def one(npages: int, load: bool, shared: bool = False) -> dict:
     req_d, req_s = _pair()
     pg_s, pg_d = _pair()
     bulk_s, bulk_d = _pair() if load else (None, None)
+    if shared:  # requests on the bulk socket
+        req_d.close()
+        req_s.close()
+        req_d, req_s = bulk_d, bulk_s
     pid = os.fork()
     if pid == 0:
         try:
-            for s in (req_d, pg_d, bulk_d):  # only the source's ends stay open here
+            for s in {req_d, pg_d, bulk_d}:  # only the source's ends stay open here
                 if s is not None:
                     s.close()
             source(req_s, pg_s, bulk_s)
         finally:
             os._exit(0)
-    for s in (req_s, pg_s, bulk_s):
+    for s in {req_s, pg_s, bulk_s}:
         if s is not None:
             s.close()
     lat = destination(req_d, pg_d, bulk_d, npages)
-    for s in (req_d, pg_d, bulk_d):
+    for s in {req_d, pg_d, bulk_d}:
         if s is not None:
             s.shutdown(socket.SHUT_RDWR)
             s.close()
@@ -170,13 +176,14 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
-    for load in (False, True):
-        runs = [one(a.pages, load) for _ in range(a.reps)]
+    cases = {"nothing beside it": (False, False), "bulk stream beside it": (True, False),
+             "bulk stream, requests on its socket": (True, True)}
+    for name, (load, shared) in cases.items():
+        runs = [one(a.pages, load, shared) for _ in range(a.reps)]
         for r in runs:
-            print(("bulk stream beside it: " if load else "nothing beside it:     "), r, flush=True)
+            print(f"{name}: {r}", flush=True)
         print(f"  median p50 {statistics.median(r['p50'] for r in runs)} us, "
               f"median p99 {statistics.median(r['p99'] for r in runs)} us\n", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,11 @@
 """Remote-fault latency of livemig postcopy, with and without postcopy-preempt, on the shared
 harness's dirtying guest (all RAM), switched to postcopy after the first pass.
 
-    python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt]
+    python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt,preempt-rp]
+
+Modes: `main` one connection; `preempt` postcopy-preempt with page requests on the preempt
+connection (x-preempt-requests, the default between two livemigs); `preempt-rp` postcopy-preempt
+with page requests on the main connection's return path (as QEMU).
 
 Prints per run and the medians: downtime, switchover -> complete, page requests, destination
 blocktime, and fault -> placement latency p50 / p99 (livemig's own `x-livemig-postcopy`).
@@ -21,7 +25,11 @@ from livemig.qmpclient import QMPClient
 GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "dirty.bin"
 
 
-def one(mem: str, preempt: bool, resend: bool = True) -> dict:
+MODES = {"main": (False, False), "preempt": (True, True), "preempt-rp": (True, False)}  # (preempt, requests on it)
+
+
+def one(mem: str, mode: str, resend: bool = True) -> dict:
+    preempt, preempt_requests = MODES[mode]
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
     img = bytearray(GUEST.read_bytes())
     struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
@@ -34,7 +42,8 @@ def one(mem: str, preempt: bool, resend: bool = True) -> dict:
             src.cmd("migrate-set-parameters", **{"x-preempt-resend": True})
             src.close()
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
-                          quiet=True, postcopy=True, preempt=preempt)
+                          quiet=True, postcopy=True, preempt=preempt,
+                          preempt_requests=preempt_requests)
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         return {"status": s["status"], "downtime": s.get("downtime"), "switch_to_complete_s": r["switch_to_complete_s"],
@@ -49,23 +58,23 @@ def main() -> None:
     ap.add_argument("--mem", default="1G")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
-    ap.add_argument("--modes", default="main,preempt", help="which of main,preempt to run (comma-separated)")
+    ap.add_argument("--modes", default="main,preempt", help=f"which of {','.join(MODES)} to run (comma-separated)")
     a = ap.parse_args()
-    modes = [m == "preempt" for m in a.modes.split(",")]
-    if not modes or any(m not in ("main", "preempt") for m in a.modes.split(",")):
-        ap.error("--modes takes main, preempt or both")
-    results: dict[bool, list[dict]] = {m: [] for m in modes}
+    modes = a.modes.split(",")
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes takes some of {', '.join(MODES)}")
+    results: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(a.reps):
-        for preempt in modes:
-            r = one(a.mem, preempt, not a.no_resend)
-            results[preempt].append(r)
-            print(("preempt " if preempt else "main    "), r, flush=True)
+        for mode in modes:
+            r = one(a.mem, mode, not a.no_resend)
+            results[mode].append(r)
+            print(f"{mode:10s}", r, flush=True)
     print(f"\nmedians over {a.reps} runs, {a.mem} guest dirtying all RAM:")
-    for preempt, rs in results.items():
+    for mode, rs in results.items():
         ok = [r for r in rs if r["status"] == "completed" and r["p50"] is not None]
         med = {k: statistics.median([r[k] for r in ok]) for k in ("downtime", "switch_to_complete_s", "requests",
                                                                "blocktime", "p50", "p99")} if ok else {}
-        print(f"  {'postcopy-preempt' if preempt else 'one channel     '}: {len(ok)}/{len(rs)} ok  {med}")
+        print(f"  {mode:10s}: {len(ok)}/{len(rs)} ok  {med}")
 
 
 if __name__ == "__main__":

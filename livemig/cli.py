@@ -159,7 +159,8 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
                   downtime_limit: int | None, quiet: bool = False, timeout: float = 600.0,
                   postcopy: bool = False, preempt: bool = False, multifd: int = 0,
                   policy: dict | None = None, report: str | None = None, via: str | None = None,
-                  postcopy_now: bool = False, tls_creds: str | None = None, tls_hostname: str | None = None) -> dict:
+                  postcopy_now: bool = False, tls_creds: str | None = None, tls_hostname: str | None = None,
+                  preempt_requests: bool | None = None) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides.
 
     `postcopy` without a `policy` switches after the first full pass, as QEMU's tests do; a
@@ -169,7 +170,9 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     `postcopy_now` switches to postcopy right after `migrate` (almost every page demand-faulted).
     `tls_creds`: the id of the tls-creds-x509 objects (endpoint=client on the source,
     endpoint=server on the destination); every connection is TLS; `tls_hostname` is the name the
-    destination's certificate must carry (default: the host of the tcp: URI)."""
+    destination's certificate must carry (default: the host of the tcp: URI). `preempt_requests`
+    (postcopy-preempt): page requests on the preempt connection (x-preempt-requests); by default
+    on when both sides are livemig."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -199,6 +202,10 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     params.update(policy or {})
     if params:
         src.cmd("migrate-set-parameters", **params)
+    if postcopy and preempt:  # page requests on the preempt connection: livemig on both sides only
+        if preempt_requests is None:
+            preempt_requests = all("livemig" in side.cmd("query-version").get("package", "") for side in (src, dst))
+        dst.cmd("migrate-set-parameters", **{"x-preempt-requests": preempt_requests})
     # set (or clear) TLS on both sides, like the capabilities
     dst.cmd("migrate-set-parameters", **{"tls-creds": tls_creds or ""})
     src.cmd("migrate-set-parameters", **{"tls-creds": tls_creds or "", "tls-hostname": tls_hostname or ""})

@@ -70,6 +70,9 @@ class Incoming:
         self.recover_listener: Listener | None = None  # migrate-recover
         self.recover_event = threading.Event()
         self.listening = threading.Event()  # POSTCOPY_LISTEN was handled
+        self.preempt_chan: Channel | None = None
+        self.preempt_requests = False  # page requests go on the preempt connection (announced)
+        self.preempt_send_lock = threading.Lock()
 
     def start(self) -> None:
         self.state.set(S.NONE, S.SETUP)
@@ -259,6 +262,16 @@ class Incoming:
         with self.rp_lock:
             self.chan.sendall(data)
 
+    def _send_requests(self, data: bytes) -> None:
+        """Page requests (fault thread, recovery): on the preempt connection once the source
+        has been told to read it there (x-preempt-requests), else on the return path."""
+        chan = self.preempt_chan if self.preempt_requests else None
+        if chan is None:
+            self._send_rp(data)
+            return
+        with self.preempt_send_lock:
+            chan.sendall(data)
+
     def _load(self) -> None:
         m = self.machine
         devices = {(d.idstr, d.instance_id): d.vmsd for d in m.devices()}
@@ -348,6 +361,9 @@ class Incoming:
             if self.chan is None or not self.chan.bidirectional:
                 raise ProtocolError("OPEN_RETURN_PATH on a one-way transport")
             self.rp_open = True
+            if self.opts.cap("postcopy-preempt") and self.opts.param("x-preempt-requests"):
+                self._send_rp(RPW.preempt_requests())  # a livemig source reads the preempt connection too
+                self.preempt_requests = True
             return False
         if isinstance(ev, D.Ping):
             if not self.rp_open:
@@ -462,7 +478,7 @@ class Incoming:
         if ev.target_page_size != TPS:
             raise ProtocolError(f"target page sizes differ: source {ev.target_page_size}, destination {TPS}")
         check_host()
-        self.pc = PostcopyDestination(self.block, self.machine.ram_host_addr, self._send_rp,
+        self.pc = PostcopyDestination(self.block, self.machine.ram_host_addr, self._send_requests,
                                       self.received, self.nonzero, self.machine.vcpu_thread_ids)
         self.pc.advise()
 

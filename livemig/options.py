@@ -44,6 +44,12 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     # destination then gets that page twice; livemig keeps the first copy, QEMU treats the second
     # as an error, so it is off by default.
     "x-preempt-resend": (False, "bool", None, None),
+    # livemig's own, destination side: with postcopy-preempt, send page requests on the preempt
+    # connection instead of the main one, where they wait for the socket that the bulk stream
+    # holds (fault latency about halves here). The destination announces it on the return path
+    # at the start; a livemig source then reads the preempt connection too, a QEMU source fails
+    # at once on the unknown message (so it is off by default).
+    "x-preempt-requests": (False, "bool", None, None),
     # livemig's switchover policy (needs postcopy-ram; 0 = off): at the end of each precopy pass,
     # switch to postcopy when the last pass's dirty rate and bandwidth say precopy will not finish
     # within this many ms since `migrate` ...

@@ -294,6 +294,8 @@ class Outgoing:
         self._rp_last_block: str | None = None
         self.preempt: PageChannel | None = None  # postcopy-preempt channel, while open
         self.preempt_chan: Channel | None = None
+        self.preempt_requests = False  # the destination sends page requests on the preempt channel too
+        self.preempt_requests_served = 0  # requests that came that way
         self.preempt_lock = threading.Lock()
         self.package_loaded = threading.Event()  # PONG(0x42)
         self.multifd: MultifdSender | None = None
@@ -357,6 +359,8 @@ class Outgoing:
         info["ram"] = self.stats.as_qmp()
         if self.switch_reason:
             info["x-livemig-switchover-reason"] = self.switch_reason
+        if self.preempt_requests:  # livemig's own: page requests that came on the preempt channel
+            info["x-livemig-preempt-requests"] = self.preempt_requests_served
         if self.pause_reason and st in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER):
             info["x-livemig-pause-reason"] = self.pause_reason
         marks = getattr(self, "switchover_marks", None)
@@ -707,6 +711,7 @@ class Outgoing:
             self.preempt_chan = chan
             with self.preempt_lock:
                 self.preempt = PageChannel(block, Writer(chan), self.stats)
+            self._start_preempt_reader(chan)
         w.write(WS.command(WS.Cmd.POSTCOPY_RESUME))
         w.flush()
         self._wait(self.resume_acked, "RESUME_ACK")
@@ -832,6 +837,33 @@ class Outgoing:
         chan = connect(self.uri, tls=self.tls)
         self.preempt_chan = chan
         self.preempt = PageChannel(self.sender.block, Writer(chan), self.stats)
+        self._start_preempt_reader(chan)
+
+    def _start_preempt_reader(self, chan: Channel) -> None:
+        if self.preempt_requests:
+            threading.Thread(target=self._preempt_rp_loop, args=(chan,), name="mig/src/preempt-return",
+                             daemon=True).start()
+
+    def _preempt_rp_loop(self, chan: Channel) -> None:
+        """mig/src/preempt-return (x-preempt-requests): page requests that the destination sends
+        on the preempt connection, answered on it at once; they never wait for the main socket,
+        which the background push keeps busy. Page requests only; anything else fails."""
+        dec = RPW.RPDecoder()
+        buf = bytearray(1 << 12)
+        try:
+            while (n := chan.recv_into(buf)):
+                dec.feed(memoryview(buf)[:n])
+                while (msg := dec.next_message()) is not None:
+                    if not isinstance(msg, RPW.ReqPages):
+                        raise ProtocolError(f"postcopy-preempt channel: unexpected {type(msg).__name__} message")
+                    self.preempt_requests_served += 1
+                    self._queue_request(msg)
+        except ProtocolError as e:
+            self.rp_error = str(e)
+            if self.chan is not None:
+                self.chan.shutdown()
+        except (OSError, TransportError):
+            pass  # a broken connection: the main channel's threads see it too and pause or fail
 
     def _close_preempt(self) -> None:
         if self.preempt is None:
@@ -1075,7 +1107,7 @@ class Outgoing:
             while True:
                 n = chan.recv_into(buf)
                 if not n:
-                    if self.shut_value is None and self.state.status not in S.FINISHED:
+                    if self.shut_value is None and self.state.status not in S.FINISHED and not self.rp_error:
                         self.rp_io = True
                         self.rp_error = "destination closed the return path before completion"
                         if not self.pongs and self.tls is None:
@@ -1099,12 +1131,14 @@ class Outgoing:
                         self.bitmap_event.set()
                     elif isinstance(msg, RPW.ResumeAck) and self.state.status == S.POSTCOPY_RECOVER:
                         self.resume_acked.set()
+                    elif isinstance(msg, RPW.PreemptRequests) and not self.in_postcopy:
+                        self.preempt_requests = True
                     else:
                         raise ProtocolError(f"return path: unexpected {type(msg).__name__} message")
         except ProtocolError as e:
             self.rp_error = str(e)
         except (OSError, TransportError) as e:  # TransportError: sending an urgent page on preempt
-            if self.state.status not in S.FINISHED and not self.cancel_requested:
+            if self.state.status not in S.FINISHED and not self.cancel_requested and not self.rp_error:
                 self.rp_io = True
                 self.rp_error = f"return path failed: {getattr(e, 'strerror', None) or e}"
         except Exception as e:  # never let the return path die silently

@@ -27,9 +27,12 @@ class RP(enum.IntEnum):
     RECV_BITMAP = 5
     RESUME_ACK = 6
     SWITCHOVER_ACK = 7
+    # livemig's own (QEMU has no such message; a QEMU source fails on it, clearly and early):
+    # "I will also send page requests on the postcopy-preempt channel" (x-preempt-requests)
+    PREEMPT_REQUESTS = 0x4C4D
 
 
-_FIXED = {RP.SHUT: 4, RP.PONG: 4, RP.REQ_PAGES: 12, RP.RESUME_ACK: 4, RP.SWITCHOVER_ACK: 0}
+_FIXED = {RP.SHUT: 4, RP.PONG: 4, RP.REQ_PAGES: 12, RP.RESUME_ACK: 4, RP.SWITCHOVER_ACK: 0, RP.PREEMPT_REQUESTS: 0}
 _HDR = struct.Struct(">HH")
 _REQ_ID = struct.Struct(">HHQIB")  # REQ_PAGES_ID: header, start, length, name length
 
@@ -67,7 +70,12 @@ class SwitchoverAck:
     pass
 
 
-RPMessage = Shut | Pong | ReqPages | RecvBitmap | ResumeAck | SwitchoverAck
+@dataclass(frozen=True)
+class PreemptRequests:
+    pass
+
+
+RPMessage = Shut | Pong | ReqPages | RecvBitmap | ResumeAck | SwitchoverAck | PreemptRequests
 
 
 def _msg(t: RP, payload: bytes) -> bytes:
@@ -100,6 +108,10 @@ def resume_ack(value: int = RESUME_ACK_VALUE) -> bytes:
 
 def switchover_ack() -> bytes:
     return _msg(RP.SWITCHOVER_ACK, b"")
+
+
+def preempt_requests() -> bytes:
+    return _msg(RP.PREEMPT_REQUESTS, b"")
 
 
 class RPDecoder:
@@ -159,6 +171,8 @@ class RPDecoder:
             return ResumeAck(v)
         if kind is RP.SWITCHOVER_ACK:
             return SwitchoverAck()
+        if kind is RP.PREEMPT_REQUESTS:
+            return PreemptRequests()
         if kind is RP.REQ_PAGES:
             if self.last_block is None:
                 raise ProtocolError("return path: REQ_PAGES before any REQ_PAGES_ID")

@@ -75,3 +75,68 @@ def test_malformed_return_path(vms, case):
     time.sleep(0.3)
     assert len(src.output()) > n, "the source guest is not running after the failed migration"
     assert src.cmd("query-status")["status"] == "running"
+
+
+BAD_PREEMPT = {
+    "not a page request": (RP.pong(7), "unexpected Pong"),
+    "request outside block": (RP.req_pages(64 << 20, 4096, "pc.ram"), "outside"),
+    "unknown type": (struct.pack(">HH", 99, 0), "unknown message type"),
+}
+
+
+class FakePreemptDestination:
+    """Announces x-preempt-requests and answers PONG on the main connection, accepts the source's
+    postcopy-preempt connection and sends `reply` on it; drains both."""
+
+    def __init__(self, reply: bytes):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.reply = reply
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _drain(conn):
+        try:
+            while conn.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+
+    def _run(self):
+        main, _ = self.srv.accept()
+        main.sendall(RP.preempt_requests() + RP.pong(1))
+        threading.Thread(target=self._drain, args=(main,), daemon=True).start()
+        self.srv.settimeout(30)
+        try:
+            preempt, _ = self.srv.accept()
+        except OSError:
+            return
+        finally:
+            self.srv.close()
+        time.sleep(1.0)  # the source is in postcopy by then
+        preempt.sendall(self.reply)
+        self._drain(preempt)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PREEMPT))
+def test_malformed_request_on_preempt_channel(vms, case):
+    """With x-preempt-requests the source also reads the preempt connection: bad input there fails
+    the migration clearly, before the package is loaded, and the source guest runs on."""
+    reply, expect = BAD_PREEMPT[case]
+    src = vms("src", memory="64M", ws_mib=4, prefill=True)
+    src.wait_passes(2)
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}
+                                                      for c in ("events", "postcopy-ram", "postcopy-preempt")])
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 5_000_000, "max-postcopy-bandwidth": 1_000_000})
+    fake = FakePreemptDestination(reply)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
+    time.sleep(0.3)
+    src.cmd("migrate-start-postcopy")
+    info = src.wait_status({"failed", "completed", "cancelled"}, timeout=30)
+    assert info["status"] == "failed", info
+    assert expect.lower() in info["error-desc"].lower(), info
+    n = len(src.output())
+    time.sleep(0.3)
+    assert len(src.output()) > n, "the source guest is not running after the failed migration"
+    assert src.cmd("query-status")["status"] == "running"

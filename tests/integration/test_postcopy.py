@@ -9,10 +9,12 @@ from vmtools import MiB, assert_migrated, migrate
 PC = ("events", "postcopy-ram")
 
 
-def _postcopy(src, dst, *, immediately: bool, params=None):
+def _postcopy(src, dst, *, immediately: bool, params=None, dst_params=None):
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in PC])
     dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}
                                                       for c in PC + ("postcopy-blocktime",)])
+    if dst_params:
+        dst.cmd("migrate-set-parameters", **dst_params)
     # as QEMU's postcopy tests: a downtime limit precopy cannot meet, so only postcopy completes
     src.cmd("migrate-set-parameters", **{"downtime-limit": 1, **(params or {})})
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
@@ -187,6 +189,24 @@ def test_postcopy_preempt(vms, immediately):
     assert_migrated(src, dst, 256 * MiB, 0)
     if immediately:
         assert info["ram"]["postcopy-requests"] > 0
+
+
+def test_postcopy_preempt_requests_on_preempt_channel(vms):
+    """x-preempt-requests on the destination: it announces it on the return path, then sends its
+    page requests on the preempt connection, where the source answers them."""
+    global PC
+    src = vms("src", memory="256M", ws_mib=0)
+    dst = vms("dst", memory="256M", incoming="defer")
+    src.wait_passes(1)
+    saved, PC = PC, PC + ("postcopy-preempt",)
+    try:
+        info = _postcopy(src, dst, immediately=True, dst_params={"x-preempt-requests": True})
+    finally:
+        PC = saved
+    assert_migrated(src, dst, 256 * MiB, 0)
+    requests = info["ram"]["postcopy-requests"]
+    assert requests > 0 and 0 < info["x-livemig-preempt-requests"] <= requests, info
+    assert dst.cmd("query-migrate")["x-livemig-postcopy"]["faults"] > 0
 
 
 def test_postcopy_preempt_hugetlb(vms, hugepages):

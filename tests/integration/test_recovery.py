@@ -15,6 +15,8 @@ def _postcopy_under_way(vms, tmp_path, preempt=False, bandwidth=40 << 20):
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(1)
     caps = ["events", "postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
+    if preempt:  # page requests on the preempt connection too, across reconnections
+        dst.cmd("migrate-set-parameters", **{"x-preempt-requests": True})
     migrate(src, dst, f"unix:{tmp_path}/mig.sock", caps=caps, wait=False,
             params={"max-bandwidth": 400 << 20, "max-postcopy-bandwidth": bandwidth,
                     "downtime-limit": 1})  # precopy must not finish before the switch
@@ -79,6 +81,7 @@ def test_recover_twice_with_preempt(vms, tmp_path, same_path):
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     info = src.wait_status({"completed", "failed"})
     assert info["status"] == "completed", info
+    assert info["x-livemig-preempt-requests"] > 0, info
     assert_migrated(src, dst, 256 * MiB, 0)
 
 

@@ -42,7 +42,8 @@ def test_layouts():
     assert RP.switchover_ack() == b"\x00\x07\x00\x00"
     with pytest.raises(ValueError):
         RP.recv_bitmap("pc.ram", b"\x00" * 9)
-    assert [int(t) for t in RP.RP] == list(range(1, 8))
+    assert RP.preempt_requests() == b"\x4c\x4d\x00\x00"  # livemig's own, far from QEMU's numbers
+    assert [int(t) for t in RP.RP] == list(range(1, 8)) + [0x4C4D]
     assert RP.RP.REQ_PAGES_ID == 3 and RP.RP.REQ_PAGES == 4  # the numbering trap
 
 
@@ -57,6 +58,7 @@ SEQUENCE = [
     (RP.pong(0xFFFFFFFF), RP.Pong(0xFFFFFFFF)),
     (RP.resume_ack(), RP.ResumeAck(1)),
     (RP.switchover_ack(), RP.SwitchoverAck()),
+    (RP.preempt_requests(), RP.PreemptRequests()),
     (RP.recv_bitmap("pc.ram", bytes(range(16))), RP.RecvBitmap("pc.ram", bytes(range(16)))),
     (RP.shut(0), RP.Shut(0)),
     (RP.shut(1), RP.Shut(1)),
@@ -142,3 +144,8 @@ def test_malformed_page_requests_are_refused():
         with pytest.raises(ProtocolError, match=err):
             decode_all(data)
     assert decode_all(good) == [RP.ReqPages(0x1000, 0x1000, "pc.ram")]
+
+
+def test_preempt_requests_has_no_payload():
+    with pytest.raises(ProtocolError, match="PREEMPT_REQUESTS has length 4, expected 0"):
+        decode_all(struct.pack(">HH", 0x4C4D, 4) + b"\x00" * 4)
