@@ -3,7 +3,7 @@
     python3 bench/delay_relay.py LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT DELAY_MS
 
 Every accepted connection gets its own connection to the target, and each direction its own
-process (no GIL shared between the bulk stream and the return path); bytes read on one side are held
+process with one thread (no GIL shared between the bulk stream and the return path); bytes read on one side are held
 until `DELAY_MS / 2` after they were read, then written to the other side (so the round trip
 gains DELAY_MS). At most 1 MiB is held per direction, so a slow link behind the relay slows the
 sender down as the link itself would. Order and content are kept; EOF is passed on after the data
@@ -15,10 +15,10 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import select
 import signal
 import socket
 import sys
-import threading
 import time
 
 CHUNK = 256 << 10
@@ -34,43 +34,47 @@ def _tight_timers() -> None:
         pass
 
 
-def _pipe(src: socket.socket, dst: socket.socket, delay: float) -> None:
-    queue: collections.deque = collections.deque()
-    ready = threading.Condition()
-    done = [False]
-    held = [0]  # bytes read but not yet written: bounded, so the sender feels the link's pace
+def timer_lateness(samples: int = 200) -> float:
+    """Median time a short timed wait overshoots here (timer wake-ups on a virtualised host are
+    late by tens of microseconds): the relay wakes that much early, so the delay it adds is the
+    one asked for, not that plus the lateness."""
+    late = []
+    for _ in range(samples):
+        t0 = time.monotonic()
+        select.select([], [], [], 50e-6)
+        late.append(time.monotonic() - t0 - 50e-6)
+    late.sort()
+    return max(late[len(late) // 2], 0.0)
 
-    def reader() -> None:
-        try:
-            while data := src.recv(CHUNK):
-                with ready:
-                    queue.append((time.monotonic() + delay, data))
-                    held[0] += len(data)
-                    ready.notify_all()
-                    while held[0] > MAX_HELD:
-                        ready.wait()
-        except OSError:
-            pass
-        with ready:
-            done[0] = True
-            ready.notify_all()
 
-    threading.Thread(target=reader, daemon=True).start()
+def _pipe(src: socket.socket, dst: socket.socket, delay: float, early: float = 0.0) -> None:
+    """One direction, one thread: read whatever arrives (stamped with its due time), write each
+    chunk when it is due, and in between wait in select() for whichever comes first. No second
+    thread, so no hand-off between threads per chunk (each costs wake-ups on a busy host)."""
+    queue: collections.deque = collections.deque()  # (due, data)
+    held = 0  # bytes read but not yet written: bounded, so the sender feels the link's pace
+    eof = False
     try:
         while True:
-            with ready:
-                while not queue and not done[0]:
-                    ready.wait()
-                if not queue:
-                    break
-                due, data = queue.popleft()
-            wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            dst.sendall(data)
-            with ready:
-                held[0] -= len(data)
-                ready.notify_all()
+            now = time.monotonic()
+            while queue and queue[0][0] <= now + early:
+                data = queue.popleft()[1]
+                dst.sendall(data)
+                held -= len(data)
+                now = time.monotonic()
+            if eof and not queue:
+                break
+            timeout = max(queue[0][0] - now - early, 0.0) if queue else None
+            if eof or held >= MAX_HELD:
+                time.sleep(timeout)
+                continue
+            if select.select([src], [], [], timeout)[0]:
+                data = src.recv(CHUNK)
+                if not data:
+                    eof = True
+                    continue
+                queue.append((time.monotonic() + delay, data))
+                held += len(data)
     except OSError:
         pass
     try:
@@ -83,6 +87,7 @@ def main() -> int:
     lhost, lport, thost, tport, delay_ms = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
     one_way = delay_ms / 2000.0
     _tight_timers()
+    early = timer_lateness() if one_way else 0.0
     srv = socket.create_server((lhost, lport))
     print("ready", flush=True)
     while True:
@@ -96,7 +101,7 @@ def main() -> int:
             if os.fork() == 0:
                 ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the relay
                 srv.close()
-                _pipe(src, dst, one_way)
+                _pipe(src, dst, one_way, early)
                 os._exit(0)
         a.close()
         b.close()

@@ -3,11 +3,12 @@ veth pair, bandwidth shaped with tbf on both ends, round-trip delay added by a r
 (bench/delay_relay.py; this kernel has no netem). Everything is created and removed here; only
 the two namespaces see the traffic. Needs root and iproute2.
 
-    python3 bench/emulated_link.py [--links 10gbit:0.1,1gbit:0.5] [--mem 512M] [--reps 3]
+    python3 bench/emulated_link.py [--links 10gbit:0.1,1gbit:0.5] [--mem 512M] [--reps 3] [--modes ...]
 
 Per link: precopy of a prefilled guest (16 MiB working set, which converges on 1 Gbit/s), and
-postcopy (one channel, and with postcopy-preempt) of a guest dirtying all RAM, switched after the first pass; each run ends with
-the integrity check; prints medians of total
+postcopy (one channel, with postcopy-preempt, and with postcopy-preempt but page requests on the
+main connection's return path as QEMU sends them: `postcopy+preempt-rp`) of a guest dirtying all
+RAM, switched after the first pass; each run ends with the integrity check; prints medians of total
 time, downtime, throughput and, for postcopy, remote-fault latency p50/p99 (fault -> placement,
 livemig's `x-livemig-postcopy`) against the link's RTT, both the added one and the one measured
 through the relay before the runs (a 32-byte ping-pong: the relay, being Python, adds its own).
@@ -116,7 +117,11 @@ class Link:
             subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
 
 
-def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = False) -> dict:
+MODES = ("precopy", "postcopy", "postcopy+preempt", "postcopy+preempt-rp")
+
+
+def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = False,
+        preempt_requests: bool | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-link-"))
     ws = 0 if postcopy else 16
     procs = start_vms(tmp, make_image(ws, True), mem,
@@ -133,7 +138,7 @@ def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = F
         wait_workload(tmp, procs[0], 1)
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", f"tcp:{DST_IP}:{MIG_PORT}",
                           100_000_000_000, None, quiet=True, timeout=300, postcopy=postcopy, preempt=preempt,
-                          via=via)
+                          via=via, preempt_requests=preempt_requests)
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         busy = max(s.get("total-time", 0) - s.get("setup-time", 0), 1)
@@ -157,7 +162,11 @@ def main() -> int:
     ap.add_argument("--links", default="10gbit:0.1,1gbit:0.5", help="RATE:RTT_MS,... (tbf rate, added round trip)")
     ap.add_argument("--mem", default="512M")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--modes", default="precopy,postcopy,postcopy+preempt", help=f"some of {','.join(MODES)}")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if any(m not in MODES for m in modes):
+        ap.error(f"--modes takes some of {', '.join(MODES)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still remove the namespaces
     if os.geteuid() != 0:
         print("emulated links need root (network namespaces)", file=sys.stderr)
@@ -169,9 +178,9 @@ def main() -> int:
         try:
             rtt_us = measured_rtt(link, float(rtt))
             print(f"{rate} rtt+{rtt} ms: measured round trip through the relay {rtt_us:.0f} us", flush=True)
-            for mode in ("precopy", "postcopy", "postcopy+preempt"):
-                runs = [one(link, float(rtt), args.mem, mode != "precopy", mode.endswith("preempt"))
-                        for _ in range(args.reps)]
+            for mode in modes:
+                runs = [one(link, float(rtt), args.mem, mode != "precopy", "preempt" in mode,
+                            False if mode.endswith("-rp") else None) for _ in range(args.reps)]
                 for r in runs:
                     print(f"{rate} rtt+{rtt} ms {mode}: {r}", flush=True)
                     bad += r.get("integrity") != "ok"
