@@ -207,6 +207,7 @@ def test_postcopy_recovery_over_tls(vms, pki, tmp_path):
     src.wait_passes(1)
     # a slow background push, and a downtime limit precopy cannot meet: it stays in postcopy
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20, "downtime-limit": 1})
+    dst.cmd("migrate-set-parameters", **{"x-preempt-requests": True})  # requests on the TLS preempt connection
     _start(src, dst, caps=("events", "postcopy-ram", "postcopy-preempt"))
     switch_after_first_pass(src, dst)
     src.cmd("migrate-pause")
@@ -222,6 +223,7 @@ def test_postcopy_recovery_over_tls(vms, pki, tmp_path):
     assert info["status"] == "completed", info
     statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
     assert "postcopy-recover" in statuses, statuses
+    assert info["x-livemig-preempt-requests"] > 0, info
     assert_migrated(src, dst, 128 * MiB, 0)
     relay.close()
     _assert_encrypted(relay, 2, tmp_path / "src.img")  # the recovery's main and preempt connections
