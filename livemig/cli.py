@@ -42,6 +42,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
     from .guest.image import make_image
     from .machine.pvm_compat import PVM_CMDLINE
     from .machine.vm import KvmMachine
+    from .postcopy import minor_faults_supported
     from .monitor import VMProcess, install_signal_handlers
     from .tls import parse_object
 
@@ -92,8 +93,10 @@ def cmd_vm(args: argparse.Namespace) -> int:
             holder["proc"].on_fatal(msg)
 
     try:
+        memfd = args.memory_backend == "memfd" or (
+            args.memory_backend == "auto" and bool(args.incoming) and minor_faults_supported())
         machine = KvmMachine(size, args.serial, on_fatal=fatal, hugetlb=args.memory_backend == "hugetlb",
-                             linux=linux)
+                             linux=linux, memfd=memfd)
     except (MigrationError, OSError) as e:
         print(f"livemig: cannot create the VM: {e}", file=sys.stderr)
         return 1
@@ -484,8 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     vm.add_argument("--boot-sector", help="512-byte boot sector image (default: the built-in workload guest)")
     vm.add_argument("--ws-mib", type=int, default=0, help="built-in guest: working set in MiB (0 = all RAM)")
     vm.add_argument("--prefill", action="store_true", help="built-in guest: touch all RAM once first")
-    vm.add_argument("--memory-backend", choices=("ram", "hugetlb"), default="ram",
-                    help="guest RAM: anonymous memory (THP) or 2 MiB hugetlb pages (reserve them first)")
+    vm.add_argument("--memory-backend", choices=("auto", "ram", "memfd", "hugetlb"), default="auto",
+                    help="guest RAM: anonymous memory (THP), a memfd (shared memory), or 2 MiB hugetlb "
+                         "pages (reserve them first); auto (default): memfd for an --incoming VM where "
+                         "userfaultfd has minor faults on shared memory (postcopy then places pages "
+                         "with UFFDIO_CONTINUE), else ram")
     vm.add_argument("--kernel", help="boot a Linux kernel (bzImage or ELF vmlinux) on the Linux machine")
     vm.add_argument("--initrd", help="with --kernel: initial ramdisk")
     vm.add_argument("--append", help="with --kernel: kernel command line (default: livemig.guest.linux.DEFAULT_APPEND)",

@@ -479,7 +479,8 @@ class Incoming:
             raise ProtocolError(f"target page sizes differ: source {ev.target_page_size}, destination {TPS}")
         check_host()
         self.pc = PostcopyDestination(self.block, self.machine.ram_host_addr, self._send_requests,
-                                      self.received, self.nonzero, self.machine.vcpu_thread_ids)
+                                      self.received, self.nonzero, self.machine.vcpu_thread_ids,
+                                      ram_fd=getattr(self.machine, "ram_fd", None))
         self.pc.advise()
 
     def _load_devices(self, start: bool = True) -> None:

@@ -9,6 +9,7 @@ pages go in through UFFDIO_COPY / UFFDIO_ZEROPAGE from a staging buffer.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import select
 import threading
@@ -19,7 +20,7 @@ import numpy as np
 
 from .errors import GuestError, ProtocolError, TransportError
 from .ramblock import TPS, RamBlock
-from .uffd import UserFault, probe
+from .uffd import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UserFault, probe
 from .wire import returnpath as RPW
 
 MADV_DONTNEED = 4
@@ -30,6 +31,11 @@ _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 LATENCY_BUCKETS = 24
 
 
+def minor_faults_supported() -> bool:
+    ok, features, _ = probe()
+    return ok and bool(features & UFFD_FEATURE_MINOR_SHMEM)
+
+
 def check_host() -> None:
     ok, _, why = probe()
     if not ok:
@@ -38,7 +44,8 @@ def check_host() -> None:
 
 class PostcopyDestination:
     def __init__(self, block: RamBlock, host_addr: int, send_rp: Callable[[bytes], None],
-                 received: np.ndarray, nonzero: np.ndarray, vcpu_tids: Callable[[], list[int]]):
+                 received: np.ndarray, nonzero: np.ndarray, vcpu_tids: Callable[[], list[int]],
+                 ram_fd: int | None = None):
         self.block = block
         self.addr = host_addr
         self.send_rp = send_rp
@@ -51,6 +58,18 @@ class PostcopyDestination:
         self.fault_time: dict[int, tuple[float, int]] = {}  # page -> (monotonic, vcpu index or -1)
         self.lock = threading.Lock()
         self.hp = block.page_size // TPS  # target pages per host page
+        # guest RAM on a memfd: place pages by writing them into a second mapping of it, which the
+        # guest does not use, then mapping them into the guest with UFFDIO_CONTINUE (minor faults);
+        # no page allocated and no second copy, as UFFDIO_COPY does
+        self.minor = ram_fd is not None and self.hp == 1 and minor_faults_supported()
+        self.ram_fd = ram_fd
+        self.alias: mmap.mmap | None = None
+        self.alias_u8: np.ndarray | None = None
+        self.alias_addr = 0
+        # minor mode: pages a placer has taken on (a write into the second mapping is not refused
+        # like a UFFDIO_COPY onto a present page: two placers must never both write one page)
+        self.claimed = np.zeros(0, dtype=np.bool_)
+        self.claim_lock = threading.Lock()
         self.main_placer = Placer(self)
         self.requests = 0
         self.faults = 0
@@ -93,7 +112,17 @@ class PostcopyDestination:
     # -- LISTEN
     def listen(self) -> None:
         self.uffd = UserFault()
-        self.uffd.register(self.addr, self.block.size)
+        if self.minor:
+            assert self.ram_fd is not None
+            self.alias = mmap.mmap(self.ram_fd, self.block.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.alias_u8 = np.frombuffer(self.alias, dtype=np.uint8).reshape(self.block.npages, TPS)
+            self.alias_addr = self.alias_u8.ctypes.data
+            self.claimed = self.received.copy()
+            # MISSING too: a page never populated has no page-cache page to map (writing it in the
+            # second mapping creates one; UFFDIO_CONTINUE then wakes the fault either way)
+            self.uffd.register(self.addr, self.block.size, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR)
+        else:
+            self.uffd.register(self.addr, self.block.size)
         self.listening = True
         self.fault_thread = threading.Thread(target=self._fault_loop, name="mig/dst/fault", daemon=True)
         self.fault_thread.start()
@@ -199,6 +228,10 @@ class PostcopyDestination:
         if self.uffd is not None:
             self.uffd.unregister(self.addr, self.block.size)
             self.uffd.close()
+        if self.alias is not None:
+            self.alias_u8 = None
+            self.alias.close()
+            self.alias = None
         os.close(self._stop_r)
         os.close(self._stop_w)
 
@@ -223,11 +256,12 @@ class PostcopyDestination:
             "postcopy-latency-dist": dist,
         }
 
-    def latency_percentiles(self) -> dict[str, float]:
+    def latency_percentiles(self) -> dict[str, Any]:
+        placement = {"placement": "UFFDIO_CONTINUE" if self.minor else "UFFDIO_COPY"}
         if not self.latencies:
-            return {}
+            return placement
         lat = np.array(self.latencies) * 1e6
-        return {"faults": int(lat.size), "p50-us": round(float(np.percentile(lat, 50)), 1),
+        return {**placement, "faults": int(lat.size), "p50-us": round(float(np.percentile(lat, 50)), 1),
                 "p99-us": round(float(np.percentile(lat, 99)), 1), "max-us": round(float(lat.max()), 1)}
 
 
@@ -244,6 +278,7 @@ class Placer:
         self.assembled = np.zeros(self.hp, dtype=np.bool_)
         self.copy_buf = bytearray(40)
         self.zero_buf = bytearray(32)
+        self.cont_buf = bytearray(32)
 
     def drop_partial(self) -> None:
         """Recovery: a host page half assembled when the connection broke is thrown away (it was
@@ -253,6 +288,9 @@ class Placer:
         """Place whole pages atomically; runs of consecutive pages go in one UFFDIO_COPY."""
         if self.hp > 1:
             self._assemble(idx, data)
+            return
+        if self.pc.minor:
+            self._write_and_map(idx, data)
             return
         if idx.size == 1 and data.flags.c_contiguous:
             self._place_one(int(idx[0]), data)
@@ -269,7 +307,14 @@ class Placer:
         """A lone page (a requested page, typically): one UFFDIO_COPY straight from the receive
         buffer at address `src`, and scalar bookkeeping (4 KiB host pages only)."""
         pc = self.pc
-        if not pc.received[page]:
+        if pc.minor:
+            with pc.claim_lock:
+                if pc.claimed[page]:
+                    return  # another placer has it
+                pc.claimed[page] = True
+            ctypes.memmove(pc.alias_addr + page * TPS, src, TPS)
+            pc.uffd.cont(pc.addr + page * TPS, TPS, self.cont_buf)
+        elif not pc.received[page]:
             pc.uffd.copy(pc.addr + page * TPS, src, TPS, self.copy_buf)
         pc.received[page] = True
         pc.nonzero[page] = True
@@ -280,8 +325,45 @@ class Placer:
         if self.hp > 1:
             self._assemble(idx, None)
             return
+        if self.pc.minor:
+            self._write_and_map(idx, None)
+            return
         for s in range(0, idx.size, 256):
             self._place_runs(idx[s:s + 256], copy=False)
+
+    def _write_and_map(self, idx: np.ndarray, data: np.ndarray | None) -> None:
+        """Minor mode: claim the pages no other placer has, write them (or zeros) into the second
+        mapping of guest RAM, then map each run of consecutive ones with one UFFDIO_CONTINUE."""
+        pc = self.pc
+        alias = pc.alias_u8
+        assert alias is not None and pc.uffd is not None
+        for s in range(0, idx.size, 256):
+            part = idx[s:s + 256]
+            with pc.claim_lock:
+                todo = ~pc.claimed[part]
+                mine = part[todo] if not todo.all() else part
+                pc.claimed[mine] = True
+            if not mine.size:
+                continue
+            first, n = int(mine[0]), mine.size
+            contiguous = int(mine[-1]) - first + 1 == n
+            if data is None:
+                if contiguous:
+                    alias[first:first + n] = 0
+                else:
+                    alias[mine] = 0
+            elif contiguous and mine is part:
+                alias[first:first + n] = data[s:s + n]
+            else:
+                alias[mine] = data[s:s + part.size][todo]
+            cuts = np.flatnonzero(np.diff(mine) != 1) + 1
+            for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [n])).tolist()):
+                i, j = int(mine[a]), int(mine[b - 1]) + 1
+                while i < j:
+                    done = pc.uffd.cont(pc.addr + i * TPS, (j - i) * TPS, self.cont_buf)
+                    placed = max(min(done // TPS, j - i), 1)  # EEXIST: the page is mapped already
+                    pc._placed(i, i + placed, data is not None)
+                    i += placed
 
     def _place_runs(self, part: np.ndarray, copy: bool) -> None:
         """UFFDIO_COPY (or ZEROPAGE) each maximal run of consecutive, not yet received pages of

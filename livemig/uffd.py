@@ -19,11 +19,14 @@ UFFDIO_UNREGISTER = 0x8010AA01
 UFFDIO_WAKE = 0x8010AA02
 UFFDIO_COPY = 0xC028AA03
 UFFDIO_ZEROPAGE = 0xC020AA04
+UFFDIO_CONTINUE = 0xC020AA07
 USERFAULTFD_IOC_NEW = 0xAA00
 UFFDIO_REGISTER_MODE_MISSING = 1
+UFFDIO_REGISTER_MODE_MINOR = 4
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_FEATURE_THREAD_ID = 1 << 8
 UFFD_FEATURE_MISSING_HUGETLBFS = 1 << 4
+UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 MSG_SIZE = 32
 SYS_userfaultfd = 323  # x86-64
 
@@ -82,8 +85,8 @@ class UserFault:
             raise GuestError(f"UFFDIO_API failed: {e.strerror}") from None
         self.features = feats
 
-    def register(self, addr: int, length: int) -> None:
-        buf = bytearray(struct.pack("<QQQQ", addr, length, UFFDIO_REGISTER_MODE_MISSING, 0))
+    def register(self, addr: int, length: int, mode: int = UFFDIO_REGISTER_MODE_MISSING) -> None:
+        buf = bytearray(struct.pack("<QQQQ", addr, length, mode, 0))
         try:
             fcntl.ioctl(self.fd, UFFDIO_REGISTER, buf, True)
         except OSError as e:
@@ -111,6 +114,13 @@ class UserFault:
         buf = buf if buf is not None else bytearray(32)
         struct.pack_into("<QQQq", buf, 0, dst, length, 0, 0)
         return self._place(UFFDIO_ZEROPAGE, buf, 24, "UFFDIO_ZEROPAGE")
+
+    def cont(self, dst: int, length: int, buf: bytearray | None = None) -> int:
+        """UFFDIO_CONTINUE: map the page-cache pages already under [dst, dst+length) (minor
+        faults), with the same partial-result rules as copy(); `buf` is 32 bytes."""
+        buf = buf if buf is not None else bytearray(32)
+        struct.pack_into("<QQQq", buf, 0, dst, length, 0, 0)
+        return self._place(UFFDIO_CONTINUE, buf, 24, "UFFDIO_CONTINUE")
 
     def _place(self, request: int, buf: bytearray, result_at: int, what: str) -> int:
         try:

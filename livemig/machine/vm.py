@@ -11,6 +11,7 @@ to have installed a SIGUSR1 handler first (``install_kick_handler()``), else Gue
 from __future__ import annotations
 
 import mmap
+import os
 import signal
 import struct
 import sys
@@ -61,7 +62,7 @@ def install_kick_handler() -> None:
 class KvmMachine:
     def __init__(self, memory_size: int, serial: str = "null", *,
                  on_fatal: Callable[[str], None] | None = None, hugetlb: bool = False,
-                 linux: bool = False) -> None:
+                 linux: bool = False, memfd: bool = False) -> None:
         """``linux``: the machine for a Linux kernel: in-kernel PICs, IOAPIC, LAPIC and PIT, the
         UART on IRQ 4, the whole vCPU state migrated, and the kvm_pvm fixups where needed."""
         if memory_size < 2 * MiB or memory_size % (2 * MiB):
@@ -70,6 +71,9 @@ class KvmMachine:
         self.memory_size = memory_size
         self.on_fatal = on_fatal
         self.hugetlb = hugetlb
+        self.memfd = memfd and not hugetlb
+        self.ram_fd: int | None = None  # memfd backend: the file behind guest RAM (a second mapping of it
+        # lets a postcopy destination write pages the guest cannot see yet)
         self.linux = linux
         self.pvm = linux and pvm_compat.host_is_pvm()
         self._fixups: pvm_compat.EmulationFixups | None = None
@@ -123,6 +127,10 @@ class KvmMachine:
             except OSError as e:
                 raise GuestError(f"cannot map {self.memory_size >> 20} MiB of 2 MiB huge pages ({e.strerror}): "
                                  f"reserve them first, e.g. echo N > /proc/sys/vm/nr_hugepages") from None
+        elif self.memfd:  # like QEMU's memory-backend-memfd: shared memory, mapped by this file
+            self.ram_fd = os.memfd_create("livemig-guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.ram_fd, self.memory_size)
+            self.ram = mmap.mmap(self.ram_fd, self.memory_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         else:
             self.ram = mmap.mmap(-1, self.memory_size,
                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,

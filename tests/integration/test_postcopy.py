@@ -4,6 +4,7 @@ import time
 import pytest
 from qemu.qmp import ExecuteError
 
+from livemig.postcopy import minor_faults_supported
 from vmtools import MiB, assert_migrated, migrate
 
 PC = ("events", "postcopy-ram")
@@ -33,10 +34,13 @@ def _postcopy(src, dst, *, immediately: bool, params=None, dst_params=None):
     return info
 
 
+@pytest.mark.parametrize("backend", ["auto", "ram"])
 @pytest.mark.parametrize("immediately", [False, True], ids=["after-first-pass", "immediately"])
-def test_postcopy_dirtying_guest(vms, immediately):
+def test_postcopy_dirtying_guest(vms, immediately, backend):
+    """backend auto: a destination's RAM is a memfd and pages go in with UFFDIO_CONTINUE (where
+    userfaultfd has minor faults on shared memory); ram: anonymous memory and UFFDIO_COPY."""
     src = vms("src", memory="256M", ws_mib=0)
-    dst = vms("dst", memory="256M", incoming="defer")
+    dst = vms("dst", memory="256M", incoming="defer", extra=["--memory-backend", backend])
     src.wait_passes(1)
     info = _postcopy(src, dst, immediately=immediately)
     statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
@@ -53,6 +57,8 @@ def test_postcopy_dirtying_guest(vms, immediately):
     assert len(dinfo["postcopy-latency-dist"]) == 24
     if immediately:
         assert dinfo["x-livemig-postcopy"]["requests"] > 0
+    continue_here = backend == "auto" and minor_faults_supported()
+    assert dinfo["x-livemig-postcopy"]["placement"] == ("UFFDIO_CONTINUE" if continue_here else "UFFDIO_COPY")
 
 
 def test_postcopy_cancel_refused(vms):

@@ -1,26 +1,41 @@
 """Page placement of the postcopy destination against a real userfaultfd (no guest needed)."""
 import ctypes
 import mmap
+import os
+import threading
 
 import numpy as np
 import pytest
 
-from livemig.postcopy import PostcopyDestination
+from livemig.postcopy import PostcopyDestination, minor_faults_supported
 from livemig.ramblock import RamBlock
 from livemig.uffd import probe
 
 pytestmark = pytest.mark.skipif(not probe()[0], reason=f"userfaultfd unavailable: {probe()[2]}")
 
 
-@pytest.fixture
-def dest():
-    m = mmap.mmap(-1, 64 * 4096)
+@pytest.fixture(params=["UFFDIO_COPY", "UFFDIO_CONTINUE"])
+def dest(request):
+    """Anonymous guest RAM (pages placed with UFFDIO_COPY), or guest RAM on a memfd (written into
+    a second mapping, then mapped with UFFDIO_CONTINUE). Only placed pages may be read here."""
+    fd = None
+    if request.param == "UFFDIO_CONTINUE":
+        if not minor_faults_supported():
+            pytest.skip("userfaultfd here has no minor faults on shared memory")
+        fd = os.memfd_create("test-ram")
+        os.ftruncate(fd, 64 * 4096)
+        m = mmap.mmap(fd, 64 * 4096, mmap.MAP_SHARED)
+    else:
+        m = mmap.mmap(-1, 64 * 4096)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
     rec, nz = np.zeros(64, bool), np.zeros(64, bool)
-    pc = PostcopyDestination(RamBlock("pc.ram", m), addr, lambda b: None, rec, nz, lambda: [])
+    pc = PostcopyDestination(RamBlock("pc.ram", m), addr, lambda b: None, rec, nz, lambda: [], ram_fd=fd)
+    assert pc.minor == (fd is not None)
     pc.listen()
     yield pc, np.frombuffer(m, np.uint8).reshape(64, 4096), rec
     pc.finish()
+    if fd is not None:
+        os.close(fd)
 
 
 def test_runs_gaps_and_pages_already_present(dest):
@@ -61,3 +76,38 @@ def test_lone_page_from_a_receive_buffer(dest):
     other = np.full(4096, 9, np.uint8)
     placer.place_one_at(12, other.ctypes.data)
     assert (ram[12] == 7).all() and len(pc.latencies) == 1
+
+
+def test_a_placed_page_is_never_written_again(dest):
+    """Once placed the guest owns a page: a later copy of it (the other channel, a re-send) must
+    not overwrite what the guest wrote since, whichever way pages are placed."""
+    pc, ram, rec = dest
+    pc.place_pages(np.array([30, 31]), np.full((2, 4096), 1, np.uint8))
+    ram[30, :8] = 42  # the guest writes the page
+    pc.place_pages(np.array([29, 30, 31, 32]), np.full((4, 4096), 2, np.uint8))
+    pc.main_placer.place_one_at(30, np.full(4096, 3, np.uint8).ctypes.data)
+    pc.place_zero_pages(np.array([30, 31]))
+    assert (ram[30, :8] == 42).all() and (ram[30, 8:] == 1).all() and (ram[31] == 1).all()
+    assert (ram[29] == 2).all() and (ram[32] == 2).all() and rec[29:33].all()
+
+
+def test_two_placers_race_for_the_same_pages(dest):
+    """The main stream and the preempt channel place overlapping pages at once: every page ends
+    whole, from one of them, and marked received."""
+    pc, ram, rec = dest
+    from livemig.postcopy import Placer
+    other = Placer(pc)
+    idx = np.arange(40, 64)
+
+    def run(placer, value):
+        for s in range(0, idx.size, 3):
+            placer.place_pages(idx[s:s + 5], np.full((idx[s:s + 5].size, 4096), value, np.uint8))
+
+    threads = [threading.Thread(target=run, args=(p, v)) for p, v in ((pc.main_placer, 5), (other, 6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rec[idx].all()
+    for p in idx:
+        assert ram[p, 0] in (5, 6) and (ram[p] == ram[p, 0]).all()
