@@ -1,7 +1,7 @@
 """Remote-fault latency of livemig postcopy, with and without postcopy-preempt, on the shared
 harness's dirtying guest (all RAM), switched to postcopy after the first pass.
 
-    python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt,preempt-rp]
+    python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt,preempt-rp] [--backends auto,ram]
 
 Modes: `main` one connection; `preempt` postcopy-preempt with page requests on the preempt
 connection (x-preempt-requests, the default between two livemigs); `preempt-rp` postcopy-preempt
@@ -28,12 +28,12 @@ GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "di
 MODES = {"main": (False, False), "preempt": (True, True), "preempt-rp": (True, False)}  # (preempt, requests on it)
 
 
-def one(mem: str, mode: str, resend: bool = True) -> dict:
+def one(mem: str, mode: str, resend: bool = True, backend: str = "auto") -> dict:
     preempt, preempt_requests = MODES[mode]
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
     img = bytearray(GUEST.read_bytes())
     struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
-    procs = start_vms(tmp, bytes(img), mem)
+    procs = start_vms(tmp, bytes(img), mem, extra={"dst": ["--memory-backend", backend]})
     try:
         while not (tmp / "src.log").exists() or (tmp / "src.log").stat().st_size < 2:
             time.sleep(0.05)
@@ -58,23 +58,26 @@ def main() -> None:
     ap.add_argument("--mem", default="1G")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
+    ap.add_argument("--backends", default="auto", help="destination --memory-backend values to alternate (auto,ram)")
     ap.add_argument("--modes", default="main,preempt", help=f"which of {','.join(MODES)} to run (comma-separated)")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes takes some of {', '.join(MODES)}")
-    results: dict[str, list[dict]] = {m: [] for m in modes}
+    runs = [f"{m}/{b}" for m in modes for b in a.backends.split(",")]
+    results: dict[str, list[dict]] = {m: [] for m in runs}
     for _ in range(a.reps):
-        for mode in modes:
-            r = one(a.mem, mode, not a.no_resend)
-            results[mode].append(r)
-            print(f"{mode:10s}", r, flush=True)
+        for run in runs:
+            mode, backend = run.split("/")
+            r = one(a.mem, mode, not a.no_resend, backend)
+            results[run].append(r)
+            print(f"{run:15s}", r, flush=True)
     print(f"\nmedians over {a.reps} runs, {a.mem} guest dirtying all RAM:")
     for mode, rs in results.items():
         ok = [r for r in rs if r["status"] == "completed" and r["p50"] is not None]
         med = {k: statistics.median([r[k] for r in ok]) for k in ("downtime", "switch_to_complete_s", "requests",
                                                                "blocktime", "p50", "p99")} if ok else {}
-        print(f"  {mode:10s}: {len(ok)}/{len(rs)} ok  {med}")
+        print(f"  {mode:15s}: {len(ok)}/{len(rs)} ok  {med}")
 
 
 if __name__ == "__main__":

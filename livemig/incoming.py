@@ -468,6 +468,8 @@ class Incoming:
         """Allocate a run of fresh destination pages in one call (far cheaper than faulting them one by one)."""
         if not populate(self.machine.ram_host_addr + first * TPS, n * TPS):
             self.populate = False  # kernel older than 5.14: let the copy fault pages in
+        elif self.pc is not None and self.pc.minor:
+            self.pc.populate_alias(first, n)
 
     def _advise(self, ev: D.PostcopyAdvise) -> None:
         if ev.pagesize_summary is None:

@@ -31,6 +31,7 @@ def dest(request):
     rec, nz = np.zeros(64, bool), np.zeros(64, bool)
     pc = PostcopyDestination(RamBlock("pc.ram", m), addr, lambda b: None, rec, nz, lambda: [], ram_fd=fd)
     assert pc.minor == (fd is not None)
+    pc.advise()
     pc.listen()
     yield pc, np.frombuffer(m, np.uint8).reshape(64, 4096), rec
     pc.finish()
