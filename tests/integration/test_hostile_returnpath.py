@@ -53,6 +53,17 @@ class FakeDestination:
         conn.close()
 
 
+def _assert_failed_and_source_runs(src, expect: str) -> None:
+    """The migration failed with `expect` in its error, and the source guest runs on."""
+    info = src.wait_status({"failed", "completed", "cancelled"}, timeout=30)
+    assert info["status"] == "failed", info
+    assert expect.lower() in info["error-desc"].lower(), info
+    n = len(src.output())
+    time.sleep(0.3)
+    assert len(src.output()) > n, "the source guest is not running after the failed migration"
+    assert src.cmd("query-status")["status"] == "running"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_RP))
 def test_malformed_return_path(vms, case):
     reply, in_postcopy, expect = BAD_RP[case]
@@ -68,13 +79,7 @@ def test_malformed_return_path(vms, case):
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
     if in_postcopy:
         src.cmd("migrate-start-postcopy")
-    info = src.wait_status({"failed", "completed", "cancelled"}, timeout=30)
-    assert info["status"] == "failed", info
-    assert expect.lower() in info["error-desc"].lower(), info
-    n = len(src.output())
-    time.sleep(0.3)
-    assert len(src.output()) > n, "the source guest is not running after the failed migration"
-    assert src.cmd("query-status")["status"] == "running"
+    _assert_failed_and_source_runs(src, expect)
 
 
 BAD_PREEMPT = {
@@ -133,10 +138,4 @@ def test_malformed_request_on_preempt_channel(vms, case):
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
     time.sleep(0.3)
     src.cmd("migrate-start-postcopy")
-    info = src.wait_status({"failed", "completed", "cancelled"}, timeout=30)
-    assert info["status"] == "failed", info
-    assert expect.lower() in info["error-desc"].lower(), info
-    n = len(src.output())
-    time.sleep(0.3)
-    assert len(src.output()) > n, "the source guest is not running after the failed migration"
-    assert src.cmd("query-status")["status"] == "running"
+    _assert_failed_and_source_runs(src, expect)
