@@ -315,8 +315,9 @@ class Placer:
         self.place_one_at(page, data.ctypes.data)
 
     def place_one_at(self, page: int, src: int) -> None:
-        """A lone page (a requested page, typically): one UFFDIO_COPY straight from the receive
-        buffer at address `src`, and scalar bookkeeping (4 KiB host pages only)."""
+        """A lone page (a requested page, typically) straight from the receive buffer at address
+        `src`: one UFFDIO_COPY, or in minor mode a claim, a 4 KiB write into the second mapping and
+        one UFFDIO_CONTINUE; scalar bookkeeping (4 KiB host pages only)."""
         pc = self.pc
         if pc.minor:
             with pc.claim_lock:
