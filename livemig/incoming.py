@@ -480,9 +480,11 @@ class Incoming:
         if ev.target_page_size != TPS:
             raise ProtocolError(f"target page sizes differ: source {ev.target_page_size}, destination {TPS}")
         check_host()
+        alias_addr, pf = self.machine.ram_alias_addr, self.prefaulter
         self.pc = PostcopyDestination(self.block, self.machine.ram_host_addr, self._send_requests,
                                       self.received, self.nonzero, self.machine.vcpu_thread_ids,
-                                      ram_fd=getattr(self.machine, "ram_fd", None))
+                                      ram_fd=self.machine.ram_fd, alias=self.machine.take_ram_alias(),
+                                      alias_ready=(lambda: pf.ready(alias_addr)) if pf and alias_addr else None)
         self.pc.advise()
 
     def _load_devices(self, start: bool = True) -> None:

@@ -53,7 +53,9 @@ class VMProcess:
     def start(self) -> None:
         self.qmp.start()
         if self.incoming_spec and self.prealloc:
-            self.prefaulter = Prefaulter(self.machine.ram_host_addr, self.machine.memory_size).start()
+            m = self.machine  # guest RAM, then its second mapping (postcopy places pages there)
+            addrs = [m.ram_host_addr] + ([m.ram_alias_addr] if m.ram_alias_addr else [])
+            self.prefaulter = Prefaulter(addrs, m.memory_size).start()
         if self.incoming_spec and self.incoming_spec != "defer":
             self._start_incoming(self.incoming_spec, exit_on_error=True)
         elif not self.incoming_spec:

@@ -46,7 +46,11 @@ def check_host() -> None:
 class PostcopyDestination:
     def __init__(self, block: RamBlock, host_addr: int, send_rp: Callable[[bytes], None],
                  received: np.ndarray, nonzero: np.ndarray, vcpu_tids: Callable[[], list[int]],
-                 ram_fd: int | None = None):
+                 ram_fd: int | None = None, alias: mmap.mmap | None = None,
+                 alias_ready: Callable[[], int] | None = None):
+        """`ram_fd`: guest RAM is this memfd (minor-fault placement, where the host has it);
+        `alias`: a second mapping of it (else one is made at ADVISE); `alias_ready`: how many bytes
+        from the start of `alias` are populated already (a waiting destination's prealloc)."""
         self.block = block
         self.addr = host_addr
         self.send_rp = send_rp
@@ -64,7 +68,8 @@ class PostcopyDestination:
         # no page allocated and no second copy, as UFFDIO_COPY does
         self.minor = ram_fd is not None and self.hp == 1 and minor_faults_supported()
         self.ram_fd = ram_fd
-        self.alias: mmap.mmap | None = None
+        self.alias: mmap.mmap | None = alias
+        self.alias_ready = alias_ready or (lambda: 0)
         self.alias_u8: np.ndarray | None = None
         self.alias_addr = 0
         # minor mode: pages a placer has taken on (a write into the second mapping is not refused
@@ -93,15 +98,17 @@ class PostcopyDestination:
         self.nonzero[:] = False
         if self.minor:  # the second mapping, now: precopy populates it along with the guest's
             assert self.ram_fd is not None
-            self.alias = mmap.mmap(self.ram_fd, self.block.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if self.alias is None:
+                self.alias = mmap.mmap(self.ram_fd, self.block.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.alias_u8 = np.frombuffer(self.alias, dtype=np.uint8).reshape(self.block.npages, TPS)
             self.alias_addr = self.alias_u8.ctypes.data
 
     def populate_alias(self, first: int, n: int) -> None:
         """Minor mode, precopy: map pages [first, first+n) in the second mapping too, in one call,
         so that writing them there in postcopy takes no page fault each (faults are slow on a
-        virtualised host, and a discarded page comes back in postcopy)."""
-        if self.alias_addr:
+        virtualised host, and a discarded page comes back in postcopy). Nothing to do where the
+        waiting destination's prealloc has been already."""
+        if self.alias_addr and (first + n) * TPS > self.alias_ready():
             _libc.madvise(self.alias_addr + first * TPS, n * TPS, MADV_POPULATE_WRITE)
 
     def discard(self, ranges: list[tuple[int, int]]) -> None:

@@ -87,13 +87,15 @@ class Prefaulter:
     """Allocates guest RAM in the background (thread mig/dst/prealloc), chunk by chunk.
 
     A destination that waits for a migration prepares its memory meanwhile, so that page
-    allocation is not paid while the stream arrives. Populating a page that already holds data
-    leaves it untouched.
+    allocation is not paid while the stream arrives. The mappings given are populated one after
+    the other: guest RAM first, then (guest RAM on a memfd) its second mapping, which only a
+    postcopy destination uses. Populating a page that already holds data leaves it untouched.
     """
 
-    def __init__(self, addr: int, size: int, chunk: int = 4 << 20):
-        self.addr, self.size, self.chunk = addr, size, chunk
-        self.done_bytes = 0
+    def __init__(self, addrs: int | list[int], size: int, chunk: int = 4 << 20):
+        self.addrs = [addrs] if isinstance(addrs, int) else list(addrs)
+        self.size, self.chunk = size, chunk
+        self.done = [0] * len(self.addrs)  # bytes populated from the start of each mapping
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mig/dst/prealloc", daemon=True)
 
@@ -104,11 +106,18 @@ class Prefaulter:
     def stop(self) -> None:
         self._stop.set()
 
+    def ready(self, addr: int) -> int:
+        """Bytes from the start of the mapping at `addr` that are populated (0 if not ours)."""
+        return self.done[self.addrs.index(addr)] if addr in self.addrs else 0
+
     def _run(self) -> None:
-        off = 0
-        while off < self.size and not self._stop.is_set():
-            n = min(self.chunk, self.size - off)
-            if not populate(self.addr + off, n):
-                return
-            off += n
-            self.done_bytes = off
+        for i, addr in enumerate(self.addrs):
+            off = 0
+            while off < self.size:
+                if self._stop.is_set():
+                    return
+                n = min(self.chunk, self.size - off)
+                if not populate(addr + off, n):
+                    return
+                off += n
+                self.done[i] = off

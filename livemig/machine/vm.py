@@ -72,8 +72,11 @@ class KvmMachine:
         self.on_fatal = on_fatal
         self.hugetlb = hugetlb
         self.memfd = memfd and not hugetlb
-        self.ram_fd: int | None = None  # memfd backend: the file behind guest RAM (a second mapping of it
-        # lets a postcopy destination write pages the guest cannot see yet)
+        self.ram_fd: int | None = None  # memfd backend: the file behind guest RAM
+        # memfd backend: a second mapping of guest RAM that the guest does not use; a postcopy
+        # destination writes pages there before it maps them into the guest (minor faults)
+        self.ram_alias: mmap.mmap | None = None
+        self.ram_alias_addr = 0
         self.linux = linux
         self.pvm = linux and pvm_compat.host_is_pvm()
         self._fixups: pvm_compat.EmulationFixups | None = None
@@ -131,6 +134,8 @@ class KvmMachine:
             self.ram_fd = os.memfd_create("livemig-guest-ram", os.MFD_CLOEXEC)
             os.ftruncate(self.ram_fd, self.memory_size)
             self.ram = mmap.mmap(self.ram_fd, self.memory_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.ram_alias = mmap.mmap(self.ram_fd, self.memory_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.ram_alias_addr = kvm.buffer_address(self.ram_alias)
         else:
             self.ram = mmap.mmap(-1, self.memory_size,
                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
@@ -547,6 +552,12 @@ class KvmMachine:
             except BufferError:
                 pass  # views are still exported; the mapping goes when they do
             self.ram = None
+
+    def take_ram_alias(self) -> mmap.mmap | None:
+        """Hand the second mapping of guest RAM over (to a postcopy destination, which unmaps it
+        when it is done); None if there is none."""
+        alias, self.ram_alias, self.ram_alias_addr = self.ram_alias, None, 0
+        return alias
 
     def __enter__(self) -> "KvmMachine":
         return self
