@@ -561,6 +561,8 @@ class Incoming:
             self._send_rp(RPW.shut(0))  # first: the source counts downtime until it sees this
         except (OSError, TransportError):
             pass
+        if self.pc is not None:
+            self.pc.release()
         if not self.running_guest:
             self.emit("RESUME", None)
         self._close()
@@ -610,6 +612,7 @@ class Incoming:
         if self.pc is not None and self.pc.listening:
             try:
                 self.pc.finish()
+                self.pc.release()
             except Exception:
                 pass
         if self.exit_on_error:

@@ -245,13 +245,16 @@ class PostcopyDestination:
         if self.uffd is not None:
             self.uffd.unregister(self.addr, self.block.size)
             self.uffd.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def release(self) -> None:
+        """After finish, once the source has been told: unmap the second mapping (tens of ms a GiB)."""
         if self.alias is not None:
             self.alias_u8 = None
             self.alias_addr = 0
             self.alias.close()
             self.alias = None
-        os.close(self._stop_r)
-        os.close(self._stop_w)
 
     def stats(self, vcpus: int = 1) -> dict[str, Any]:
         """QEMU's destination postcopy fields (blocktime in ms, latencies in ns)."""

@@ -35,6 +35,7 @@ def dest(request):
     pc.listen()
     yield pc, np.frombuffer(m, np.uint8).reshape(64, 4096), rec
     pc.finish()
+    pc.release()
     if fd is not None:
         os.close(fd)
 
