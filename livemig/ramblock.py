@@ -104,7 +104,11 @@ class Prefaulter:
         return self
 
     def stop(self) -> None:
+        """Stop, and wait for the chunk in progress: a postcopy destination's ADVISE drops guest
+        RAM's pages, and one populated after that would never fault (the guest would read zeros)."""
         self._stop.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
 
     def ready(self, addr: int) -> int:
         """Bytes from the start of the mapping at `addr` that are populated (0 if not ours)."""

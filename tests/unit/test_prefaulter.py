@@ -53,3 +53,13 @@ def test_stopped_before_it_starts_populates_nothing(two_mappings):
     pf.start().thread.join(timeout=30)
     assert pf.ready(guest) == pf.ready(alias) == 0
     assert not any(present(alias, SIZE // TPS))
+
+
+def test_stop_returns_once_nothing_more_is_populated(two_mappings):
+    guest, alias = two_mappings
+    pf = Prefaulter([guest, alias], SIZE, chunk=TPS).start()  # 4 096 small steps: still running
+    pf.stop()
+    assert not pf.thread.is_alive()
+    done = list(pf.done)
+    assert sum(present(guest, SIZE // TPS)) == done[0] // TPS or done[0] == SIZE
+    assert all(not p for p in present(alias + done[1], (SIZE - done[1]) // TPS))
