@@ -563,6 +563,8 @@ class Incoming:
             pass
         if self.pc is not None:
             self.pc.release()
+        if (alias := self.machine.take_ram_alias()) is not None:
+            alias.close()  # no postcopy came: the second mapping of guest RAM is not needed
         if not self.running_guest:
             self.emit("RESUME", None)
         self._close()
