@@ -4,8 +4,9 @@
 
 Starts a source (prefilled guest) and a waiting destination, samples /proc/PID/smaps of both
 every 50 ms while it migrates, and prints per side: resident memory outside the guest RAM
-mapping (the mapping whose size is the guest's memory size) at idle and at its peak during the
-migration, and the peak VmHWM-style total. Ends with the integrity check.
+mappings (those whose size is the guest's memory size: a memfd-backed destination has two) at
+idle and at its peak during the migration, the peak total (guest RAM counted once), and the peak
+of the page tables (VmPTE, which smaps does not count). Ends with the integrity check.
 """
 from __future__ import annotations
 
@@ -19,20 +20,29 @@ from livemig.cli import parse_size, run_migration, start_vms, stop_vms, verify_m
 from livemig.guest.image import make_image
 
 
-def extra_kib(pid: int, guest_kib: int) -> tuple[int, int]:
-    """(resident KiB outside the guest RAM mapping, resident KiB in total) of process `pid`."""
-    total = guest = 0
-    size = rss = 0
+def extra_kib(pid: int, guest_kib: int) -> tuple[int, int, int]:
+    """(resident KiB outside the guest RAM mappings, resident KiB in total, page tables KiB) of
+    process `pid`. A memfd-backed guest has two mappings of its RAM (the second one is where a
+    postcopy destination writes pages): they share their pages, so guest RAM counts once."""
+    total = 0
+    guest: list[int] = []
+    size = 0
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             if line.startswith("Size:"):
                 size = int(line.split()[1])
             elif line.startswith("Rss:"):
                 rss = int(line.split()[1])
-                total += rss
                 if size == guest_kib:
-                    guest += rss
-    return total - guest, total
+                    guest.append(rss)
+                else:
+                    total += rss
+    pte = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmPTE:"):
+                pte = int(line.split()[1])
+    return total, total + max(guest, default=0), pte
 
 
 def main() -> int:
@@ -46,17 +56,17 @@ def main() -> int:
     ws = 0 if args.postcopy else args.ws
     tmp = Path(tempfile.mkdtemp(prefix="livemig-mem-"))
     procs = start_vms(tmp, make_image(ws, True), args.mem)
-    peak = {"src": [0, 0], "dst": [0, 0]}
+    peak = {"src": [0, 0, 0], "dst": [0, 0, 0]}
     stop = threading.Event()
 
     def sampler() -> None:
         while not stop.wait(0.05):
             for name, p in zip(("src", "dst"), procs):
                 try:
-                    e, t = extra_kib(p.pid, mem >> 10)
+                    sample = extra_kib(p.pid, mem >> 10)
                 except OSError:
                     continue
-                peak[name] = [max(peak[name][0], e), max(peak[name][1], t)]
+                peak[name] = [max(a, b) for a, b in zip(peak[name], sample)]
 
     try:
         wait_workload(tmp, procs[0], 2)
@@ -72,10 +82,10 @@ def main() -> int:
         print(f"{args.mem} guest, {'postcopy' if args.postcopy else 'precopy'}"
               f"{f', multifd {args.multifd}' if args.multifd else ''}: {s['status']}, "
               f"total {s.get('total-time')} ms, integrity {'ok' if ok else 'FAILED: ' + why}")
-        print("| side | extra at idle MiB | extra peak during migration MiB | total resident peak MiB |")
-        print("|---|---|---|---|")
+        print("| side | extra at idle MiB | extra peak during migration MiB | total resident peak MiB | page tables peak MiB |")
+        print("|---|---|---|---|---|")
         for n in ("src", "dst"):
-            print(f"| {n} | {idle[n] / 1024:.1f} | {peak[n][0] / 1024:.1f} | {peak[n][1] / 1024:.0f} |")
+            print(f"| {n} | {idle[n] / 1024:.1f} | {peak[n][0] / 1024:.1f} | {peak[n][1] / 1024:.0f} | {peak[n][2] / 1024:.1f} |")
         return 0 if ok else 1
     finally:
         stop.set()
