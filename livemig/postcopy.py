@@ -286,6 +286,12 @@ class PostcopyDestination:
                 "p99-us": round(float(np.percentile(lat, 99)), 1), "max-us": round(float(lat.max()), 1)}
 
 
+# minor mode: pages mapped into the guest per UFFDIO_CONTINUE. A guest that outruns the push
+# waits on the first page of a batch; mapping a 256-page batch in pieces lets it run on behind the
+# placer (demo guest: fault p50 388 -> 282 µs, blocktime 334 -> 226 ms, same switchover -> complete)
+CONTINUE_PIECE = 32
+
+
 class Placer:
     """Places the pages of one channel: its own staging buffer, huge-page assembly and ioctl
     buffers, so the main stream and the preempt channel can place pages at the same time."""
@@ -355,7 +361,8 @@ class Placer:
 
     def _write_and_map(self, idx: np.ndarray, data: np.ndarray | None) -> None:
         """Minor mode: claim the pages no other placer has, write them (or zeros) into the second
-        mapping of guest RAM, then map each run of consecutive ones with one UFFDIO_CONTINUE."""
+        mapping of guest RAM, then map each run of consecutive ones into the guest, CONTINUE_PIECE
+        pages per UFFDIO_CONTINUE."""
         pc = self.pc
         alias = pc.alias_u8
         assert alias is not None and pc.uffd is not None
@@ -384,7 +391,7 @@ class Placer:
             for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [n])).tolist()):
                 i, j = int(mine[a]), int(mine[b - 1]) + 1
                 while i < j:
-                    done = pc.uffd.cont(pc.addr + i * TPS, (j - i) * TPS, self.cont_buf)
+                    done = pc.uffd.cont(pc.addr + i * TPS, min(j - i, CONTINUE_PIECE) * TPS, self.cont_buf)
                     placed = max(min(done // TPS, j - i), 1)  # EEXIST: the page is mapped already
                     pc._placed(i, i + placed, data is not None)
                     i += placed
