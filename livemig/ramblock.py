@@ -92,8 +92,8 @@ class Prefaulter:
     postcopy destination uses. Populating a page that already holds data leaves it untouched.
     """
 
-    def __init__(self, addrs: int | list[int], size: int, chunk: int = 4 << 20):
-        self.addrs = [addrs] if isinstance(addrs, int) else list(addrs)
+    def __init__(self, addrs: list[int], size: int, chunk: int = 4 << 20):
+        self.addrs = list(addrs)
         self.size, self.chunk = size, chunk
         self.done = [0] * len(self.addrs)  # bytes populated from the start of each mapping
         self._stop = threading.Event()
