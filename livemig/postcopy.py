@@ -104,10 +104,9 @@ class PostcopyDestination:
             self.alias_addr = self.alias_u8.ctypes.data
 
     def populate_alias(self, first: int, n: int) -> None:
-        """Minor mode, precopy: map pages [first, first+n) in the second mapping too, in one call,
-        so that writing them there in postcopy takes no page fault each (faults are slow on a
-        virtualised host, and a discarded page comes back in postcopy). Nothing to do where the
-        waiting destination's prealloc has been already."""
+        """Minor mode: map pages [first, first+n) in the second mapping, in one call, so that
+        writing them there takes no page fault each (faults are slow on a virtualised host).
+        Nothing to do where the waiting destination's prealloc has been already."""
         if self.alias_addr and (first + n) * TPS > self.alias_ready():
             _libc.madvise(self.alias_addr + first * TPS, n * TPS, MADV_POPULATE_WRITE)
 
