@@ -2,10 +2,12 @@
 harness's dirtying guest (all RAM), switched to postcopy after the first pass.
 
     python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt,preempt-rp] [--backends auto,ram]
+                                      [--urgent on,off]
 
 Modes: `main` one connection; `preempt` postcopy-preempt with page requests on the preempt
 connection (x-preempt-requests, the default between two livemigs); `preempt-rp` postcopy-preempt
-with page requests on the main connection's return path (as QEMU).
+with page requests on the main connection's return path (as QEMU). `--urgent on,off` alternates
+the destination's urgent process (x-urgent-process, used in `preempt` mode) with its threads.
 
 Prints per run and the medians: downtime, switchover -> complete, page requests, destination
 blocktime, and fault -> placement latency p50 / p99 (livemig's own `x-livemig-postcopy`).
@@ -28,7 +30,7 @@ GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "di
 MODES = {"main": (False, False), "preempt": (True, True), "preempt-rp": (True, False)}  # (preempt, requests on it)
 
 
-def one(mem: str, mode: str, resend: bool = True, backend: str = "auto") -> dict:
+def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent: bool = True) -> dict:
     preempt, preempt_requests = MODES[mode]
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
     img = bytearray(GUEST.read_bytes())
@@ -41,6 +43,9 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto") -> dict
             src = QMPClient(f"unix:{tmp}/src.qmp")
             src.cmd("migrate-set-parameters", **{"x-preempt-resend": True})
             src.close()
+        dst = QMPClient(f"unix:{tmp}/dst.qmp")
+        dst.cmd("migrate-set-parameters", **{"x-urgent-process": urgent})
+        dst.close()
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
                           quiet=True, postcopy=True, preempt=preempt,
                           preempt_requests=preempt_requests)
@@ -48,7 +53,7 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto") -> dict
         pc = d.get("x-livemig-postcopy", {})
         return {"status": s["status"], "downtime": s.get("downtime"), "switch_to_complete_s": r["switch_to_complete_s"],
                 "requests": s.get("ram", {}).get("postcopy-requests"), "blocktime": d.get("postcopy-blocktime"),
-                "p50": pc.get("p50-us"), "p99": pc.get("p99-us")}
+                "p50": pc.get("p50-us"), "p99": pc.get("p99-us"), "path": pc.get("fault-path")}
     finally:
         stop_vms(tmp, procs)
 
@@ -60,16 +65,17 @@ def main() -> None:
     ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
     ap.add_argument("--backends", default="auto", help="destination --memory-backend values to alternate (auto,ram)")
     ap.add_argument("--modes", default="main,preempt", help=f"which of {','.join(MODES)} to run (comma-separated)")
+    ap.add_argument("--urgent", default="on", help="destination urgent process: on, off or on,off (alternated)")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes takes some of {', '.join(MODES)}")
-    runs = [f"{m}/{b}" for m in modes for b in a.backends.split(",")]
+    runs = [f"{m}/{b}/{u}" for m in modes for b in a.backends.split(",") for u in a.urgent.split(",")]
     results: dict[str, list[dict]] = {m: [] for m in runs}
     for _ in range(a.reps):
         for run in runs:
-            mode, backend = run.split("/")
-            r = one(a.mem, mode, not a.no_resend, backend)
+            mode, backend, urgent = run.split("/")
+            r = one(a.mem, mode, not a.no_resend, backend, urgent == "on")
             results[run].append(r)
             print(f"{run:15s}", r, flush=True)
     print(f"\nmedians over {a.reps} runs, {a.mem} guest dirtying all RAM:")

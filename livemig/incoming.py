@@ -16,11 +16,13 @@ from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .multifd import MultifdReceiver
-from .postcopy import Placer, PostcopyDestination, check_host
+from .postcopy import PostcopyDestination, PreemptReader, check_host
 from .ramblock import TPS, RamBlock, pack_bitmap, populate
+from .shm import shared_array
 from .stats import RamStats
 from .tls import TlsEndpoint, TlsError
 from .transport import Channel, Listener, URI
+from .urgent_dst import UrgentProcess
 from .wire import decoder as D
 from .wire import multifd as WM
 from .wire import returnpath as RPW
@@ -53,7 +55,8 @@ class Incoming:
         self.rp_lock = threading.Lock()
         self.block = RamBlock("pc.ram", machine.ram, getattr(machine, "page_size", TPS))
         self.nonzero = np.zeros(self.block.npages, dtype=np.bool_)  # pages we wrote non-zero data to
-        self.received = np.zeros(self.block.npages, dtype=np.bool_)
+        # shared: an urgent process (urgent_dst.py) reads and marks it too
+        self.received_fd, self.received = shared_array(self.block.npages)
         self.device_states: dict[tuple[str, int], dict] = {}
         self.pc: PostcopyDestination | None = None  # set by POSTCOPY_ADVISE
         self.running_guest = False  # POSTCOPY_RUN started the guest here
@@ -481,10 +484,15 @@ class Incoming:
             raise ProtocolError(f"target page sizes differ: source {ev.target_page_size}, destination {TPS}")
         check_host()
         alias_addr, pf = self.machine.ram_alias_addr, self.prefaulter
+        urgent = None
+        if (self.opts.cap("postcopy-preempt") and self.opts.param("x-preempt-requests")
+                and self.opts.param("x-urgent-process") and self.tls is None):
+            urgent = UrgentProcess()  # started now: its start-up is not in the downtime
         self.pc = PostcopyDestination(self.block, self.machine.ram_host_addr, self._send_requests,
                                       self.received, self.nonzero, self.machine.vcpu_thread_ids,
                                       ram_fd=self.machine.ram_fd, alias=self.machine.take_ram_alias(),
-                                      alias_ready=(lambda: pf.ready(alias_addr)) if pf and alias_addr else None)
+                                      alias_ready=(lambda: pf.ready(alias_addr)) if pf and alias_addr else None,
+                                      urgent=urgent, received_fd=self.received_fd)
         self.pc.advise()
 
     def _load_devices(self, start: bool = True) -> None:
@@ -508,31 +516,19 @@ class Incoming:
             while not self.listening.wait(0.1):
                 if self.state.status in S.FINISHED or self.error:
                     return
-            dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size, self.block.page_size)], {},
-                                  postcopy=True, bare_ram=True, buffer_size=1 << 20)
-            placer = Placer(self.pc)
-            lone = placer.hp == 1  # 4 KiB host pages: a lone page record is placed as it stands
-            base = dec.buffer_address
-            while True:
-                n = chan.recv_into(dec.space())
-                if n == 0:
-                    dec.finish()
-                    return
-                dec.commit(n)
-                while True:
-                    if lone and (rec := dec.next_page_record()) is not None:
-                        placer.place_one_at(rec[0] // TPS, base + rec[1])
-                        self.stats.normal += 1
-                        continue
-                    if (ev := dec.next_event()) is None:
-                        break
-                    idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
-                    if isinstance(ev, D.Pages):
-                        placer.place_pages(idx, ev.data)
-                        self.stats.normal += idx.size
-                    elif isinstance(ev, D.ZeroPages):
-                        placer.place_zero_pages(idx)
-                        self.stats.duplicate += idx.size
+            pc = self.pc
+            assert pc is not None
+            urgent = pc.urgent
+            if urgent is not None and not urgent.given_preempt and chan.sock is not None:
+                self._preempt_in_urgent_process(pc, urgent, chan)
+                return
+            reader = PreemptReader(pc)
+            try:
+                while reader.feed(chan.recv_into):
+                    pass
+            finally:
+                self.stats.normal += reader.normal
+                self.stats.duplicate += reader.duplicate
         except Exception as e:
             if self.state.status in S.FINISHED or self.state.status == S.POSTCOPY_PAUSED or self.error:
                 return  # the listener closed at the end of a migration that did not use preempt, or on failure
@@ -541,6 +537,25 @@ class Incoming:
             for c in (getattr(self, "preempt_chan", None), self.chan):
                 if c is not None:
                     c.shutdown()  # the main loader sees the failure; the source's sends fail
+
+    def _preempt_in_urgent_process(self, pc: PostcopyDestination, urgent: UrgentProcess, chan: Channel) -> None:
+        """mig/dst/preempt with an urgent process: hand it the connection, wait for its end, take
+        back its figures; this process's own fault thread serves what faults come after."""
+        urgent.give_preempt(chan.sock)
+        end = urgent.wait()
+        late = urgent.drain_arrivals()
+        if end.get("stats") is not None:
+            pc.merge(end["stats"])
+            self.stats.normal += end.get("normal", 0)
+            self.stats.duplicate += end.get("duplicate", 0)
+        else:
+            pc.urgent = None
+        for page, when in late:
+            pc._requested_arrived(page, when)
+        if pc.fault_thread is None and self.state.status not in S.FINISHED:
+            pc.start_fault_thread()
+        if end["op"] == "error":
+            raise TransportError(end["error"])
 
     def _finish(self) -> None:
         if self.pc is not None and self.pc.listening:
@@ -555,6 +570,8 @@ class Incoming:
             self.pc.finish()
             self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
         else:
+            if self.pc is not None:
+                self.pc.close_urgent()  # postcopy was possible but did not come
             self._load_devices()
             self.state.set(S.ACTIVE, S.COMPLETED)
         try:
@@ -592,6 +609,8 @@ class Incoming:
         if self.run_error:  # the device state failed to load; the loader's error is its echo
             msg = self.run_error
         self.error = msg
+        if self.pc is not None:
+            self.pc.close_urgent()
         try:
             self._send_rp(RPW.shut(1))
         except Exception:

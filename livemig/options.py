@@ -50,6 +50,10 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     # at the start; a livemig source then reads the preempt connection too, a QEMU source fails
     # at once on the unknown message (so it is off by default).
     "x-preempt-requests": (False, "bool", None, None),
+    # livemig's own, destination side, with x-preempt-requests (and no TLS): read userfaultfd and
+    # the preempt connection in a process of its own (urgent_dst.py), away from the bulk threads'
+    # GIL; off gives the in-process threads (mig/dst/fault, mig/dst/preempt) instead
+    "x-urgent-process": (True, "bool", None, None),
     # livemig's switchover policy (needs postcopy-ram; 0 = off): at the end of each precopy pass,
     # switch to postcopy when the last pass's dirty rate and bandwidth say precopy will not finish
     # within this many ms since `migrate` ...

@@ -4,7 +4,9 @@ guest faults into page requests, atomic page placement, and fault-latency accoun
 The loader thread keeps reading the main stream after POSTCOPY_RUN (it is QEMU's listen thread
 from then on) and calls place_pages / place_zero_pages; the fault thread (mig/dst/fault) reads
 userfaultfd and sends REQ_PAGES on the return path. Neither touches guest memory from Python:
-pages go in through UFFDIO_COPY / UFFDIO_ZEROPAGE from a staging buffer.
+pages go in through UFFDIO_COPY / UFFDIO_ZEROPAGE from a staging buffer (or UFFDIO_CONTINUE).
+With an urgent process (urgent_dst.py), that process reads userfaultfd and the preempt channel
+instead, through the same code, on its own GIL; the bitmaps and the claim lock are shared.
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import os
 import select
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from .errors import GuestError, ProtocolError, TransportError
 from .ramblock import TPS, RamBlock
+from .shm import PipeLock, shared_array
+from .threadname import is_vcpu_thread
+from .wire import decoder as D
 from .uffd import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UserFault, probe
 from .wire import returnpath as RPW
 
@@ -30,6 +35,14 @@ MADV_POPULATE_WRITE = 23
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 LATENCY_BUCKETS = 24
+
+
+class _BlockShape(NamedTuple):
+    """What placement needs of a RAM block, without its memory (the urgent process has none)."""
+    name: str
+    size: int
+    page_size: int
+    npages: int
 
 
 def minor_faults_supported() -> bool:
@@ -47,10 +60,13 @@ class PostcopyDestination:
     def __init__(self, block: RamBlock, host_addr: int, send_rp: Callable[[bytes], None],
                  received: np.ndarray, nonzero: np.ndarray, vcpu_tids: Callable[[], list[int]],
                  ram_fd: int | None = None, alias: mmap.mmap | None = None,
-                 alias_ready: Callable[[], int] | None = None):
+                 alias_ready: Callable[[], int] | None = None, urgent: Any = None,
+                 received_fd: int | None = None):
         """`ram_fd`: guest RAM is this memfd (minor-fault placement, where the host has it);
         `alias`: a second mapping of it (else one is made at ADVISE); `alias_ready`: how many bytes
-        from the start of `alias` are populated already (a waiting destination's prealloc)."""
+        from the start of `alias` are populated already (a waiting destination's prealloc);
+        `urgent`: an UrgentProcess to hand the fault and preempt work to at LISTEN, with
+        `received` shared on memfd `received_fd`."""
         self.block = block
         self.addr = host_addr
         self.send_rp = send_rp
@@ -59,7 +75,18 @@ class PostcopyDestination:
         self.vcpu_tids = vcpu_tids
         self.uffd: UserFault | None = None
         self.listening = False
-        self.requested = np.zeros(block.npages, dtype=np.bool_)
+        self.urgent = urgent if received_fd is not None else None  # while it serves faults
+        self._urgent_proc = self.urgent
+        self.urgent_used = False
+        self.received_fd = received_fd
+        self.shared_fds: list[int] = []
+        if self.urgent is not None:  # the bitmaps the urgent process reads and writes too
+            fd_req, self.requested = shared_array(block.npages)
+            fd_claim, self.claimed = shared_array(block.npages)
+            self.shared_fds = [fd_req, fd_claim]
+        else:
+            self.requested = np.zeros(block.npages, dtype=np.bool_)
+            self.claimed = np.zeros(0, dtype=np.bool_)
         self.fault_time: dict[int, tuple[float, int]] = {}  # page -> (monotonic, vcpu index or -1)
         self.lock = threading.Lock()
         self.hp = block.page_size // TPS  # target pages per host page
@@ -73,9 +100,9 @@ class PostcopyDestination:
         self.alias_u8: np.ndarray | None = None
         self.alias_addr = 0
         # minor mode: pages a placer has taken on (a write into the second mapping is not refused
-        # like a UFFDIO_COPY onto a present page: two placers must never both write one page)
-        self.claimed = np.zeros(0, dtype=np.bool_)
-        self.claim_lock = threading.Lock()
+        # like a UFFDIO_COPY onto a present page: two placers must never both write one page);
+        # with an urgent process the lock is a pipe both processes take
+        self.claim_lock: Any = PipeLock() if self.urgent is not None else threading.Lock()
         self.main_placer = Placer(self)
         self.requests = 0
         self.faults = 0
@@ -133,15 +160,75 @@ class PostcopyDestination:
         self.uffd = UserFault()
         if self.minor:
             assert self.alias is not None, "ADVISE maps the second mapping"
-            self.claimed = self.received.copy()
+            if self.urgent is not None:
+                self.claimed[:] = self.received
+            else:
+                self.claimed = self.received.copy()
             # MISSING too: a page never populated has no page-cache page to map (writing it in the
             # second mapping creates one; UFFDIO_CONTINUE then wakes the fault either way)
             self.uffd.register(self.addr, self.block.size, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR)
         else:
             self.uffd.register(self.addr, self.block.size)
         self.listening = True
+        self.urgent_used = self.urgent is not None
+        if self.urgent is not None:
+            cfg = {"name": self.block.name, "size": self.block.size, "page_size": self.block.page_size,
+                   "addr": self.addr, "minor": self.minor, "ppid": os.getpid()}
+            fds = [self.uffd.fd, self.received_fd, *self.shared_fds, *self.claim_lock.fds]
+            if self.minor:
+                fds.append(self.ram_fd)
+            self.urgent.listen(cfg, fds)
+            return
+        self.start_fault_thread()
+
+    def start_fault_thread(self) -> None:
         self.fault_thread = threading.Thread(target=self._fault_loop, name="mig/dst/fault", daemon=True)
         self.fault_thread.start()
+
+    @classmethod
+    def attach(cls, cfg: dict, fds: list[int], send: Callable[[bytes], None]) -> PostcopyDestination:
+        """In the urgent process: the same destination state, on the parent's userfaultfd, bitmaps
+        and claim lock (PostcopyDestination.listen sent them). Addresses for UFFDIO_* are the
+        parent's; the second mapping (minor mode) is this process's own mapping of the memfd."""
+        npages = cfg["size"] // TPS
+        block = _BlockShape(cfg["name"], cfg["size"], cfg["page_size"], npages)
+        _, received = shared_array(npages, fd=fds[1])
+        nonzero = np.zeros(npages, dtype=np.bool_)  # the parent's counts; nothing reads this one
+        self = cls(block, cfg["addr"], send, received, nonzero, lambda: [])
+        _, self.requested = shared_array(npages, fd=fds[2])
+        _, self.claimed = shared_array(npages, fd=fds[3])
+        self.claim_lock = PipeLock((fds[4], fds[5]))
+        self.uffd = UserFault.attach(fds[0])
+        self.minor = cfg["minor"]
+        if self.minor:
+            self.ram_fd = fds[6]
+            self.alias = mmap.mmap(self.ram_fd, block.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.alias_u8 = np.frombuffer(self.alias, dtype=np.uint8).reshape(npages, TPS)
+            self.alias_addr = self.alias_u8.ctypes.data
+        self.listening = True
+        return self
+
+    # -- the urgent process's results, back in this process
+    def export(self) -> dict[str, Any]:
+        """What the urgent process hands back when it ends (JSON-able)."""
+        return {"latencies": self.latencies, "vcpu_latency_total": self.vcpu_latency_total,
+                "vcpu_faults": self.vcpu_faults, "blocktime": self.blocktime, "faults": self.faults,
+                "requests": self.requests, "fault_time": [[p, t, v] for p, (t, v) in self.fault_time.items()],
+                "blocked": list(self._blocked.items()), "all_down_since": self._all_down_since}
+
+    def merge(self, d: dict[str, Any]) -> None:
+        """The urgent process ended: take over its figures and its requests still in flight."""
+        with self.lock:
+            self.urgent = None  # from here on this process accounts for requested pages
+            self.latencies += d["latencies"]
+            self.vcpu_latency_total += d["vcpu_latency_total"]
+            self.vcpu_faults += d["vcpu_faults"]
+            self.blocktime += d["blocktime"]
+            self.faults += d["faults"]
+            self.requests += d["requests"]
+            self.fault_time.update({int(p): (t, int(v)) for p, t, v in d["fault_time"]})
+            self._blocked.update({int(k): int(v) for k, v in d["blocked"]})
+            self._all_down_since = d["all_down_since"]
 
     # -- placement: one Placer per channel (main stream, preempt channel)
     def place_pages(self, idx: np.ndarray, data: np.ndarray) -> None:
@@ -157,9 +244,13 @@ class PostcopyDestination:
             for p in (np.flatnonzero(self.requested[a:b]) + a).tolist():
                 self._requested_arrived(p)
 
-    def _requested_arrived(self, page: int) -> None:
-        """A requested page is placed: its fault latency counts."""
-        now = time.monotonic()
+    def _requested_arrived(self, page: int, now: float | None = None) -> None:
+        """A requested page is placed: its fault latency counts (where the fault was read)."""
+        now = time.monotonic() if now is None else now
+        urgent = self.urgent
+        if urgent is not None:
+            urgent.arrived(page, now)
+            return
         with self.lock:
             if self.requested[page]:
                 self.requested[page] = False
@@ -184,7 +275,6 @@ class PostcopyDestination:
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
-        page_of = self.addr
         while True:
             events = dict(poller.poll())
             if self._stop_r in events or events.get(self.uffd.fd, 0) & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
@@ -193,34 +283,40 @@ class PostcopyDestination:
                 faults = self.uffd.read_faults()
             except OSError:
                 return
-            now = time.monotonic()
-            tids = self.vcpu_tids()
-            msgs = []
-            with self.lock:
-                for addr, _flags, tid in faults:
-                    page = (addr - page_of) // TPS
-                    page -= page % self.hp  # requests always cover one whole host page
-                    if not 0 <= page < self.block.npages or self.received[page]:
-                        continue
-                    self.faults += 1
-                    vcpu = tids.index(tid) if tid in tids else -1
-                    if not self.requested[page]:
-                        self.requested[page] = True
-                        if self.received[page]:  # placed since the check above: the placer saw
-                            self.requested[page] = False  # no request, so there is none
-                            continue
-                        self.fault_time[page] = (now, vcpu)
-                        if vcpu >= 0:
-                            self._block(vcpu, now, len(tids))
-                        # always REQ_PAGES_ID: a request built just before a reconnection may go
-                        # out first on the new connection, where an unnamed one would be an error
-                        msgs.append(RPW.req_pages(page * TPS, self.hp * TPS, self.block.name))
-                        self.requests += 1
+            msgs = self.handle_faults(faults)
             if msgs:
                 try:
-                    self.send_rp(b"".join(msgs))
+                    self.send_rp(msgs)
                 except (OSError, TransportError):
                     pass  # the return path broke: the pages stay requested, asked again on recovery
+
+    def handle_faults(self, faults: list[tuple[int, int, int]]) -> bytes:
+        """Fault messages -> the page requests to send (one per host page not yet asked for)."""
+        now = time.monotonic()
+        tids = self.vcpu_tids()
+        page_of = self.addr
+        msgs = []
+        with self.lock:
+            for addr, _flags, tid in faults:
+                page = (addr - page_of) // TPS
+                page -= page % self.hp  # requests always cover one whole host page
+                if not 0 <= page < self.block.npages or self.received[page]:
+                    continue
+                self.faults += 1
+                vcpu = tids.index(tid) if tid in tids else -1
+                if not self.requested[page]:
+                    self.requested[page] = True
+                    if self.received[page]:  # placed since the check above: the placer saw
+                        self.requested[page] = False  # no request, so there is none
+                        continue
+                    self.fault_time[page] = (now, vcpu)
+                    if vcpu >= 0:
+                        self._block(vcpu, now, len(tids))
+                    # always REQ_PAGES_ID: a request built just before a reconnection may go
+                    # out first on the new connection, where an unnamed one would be an error
+                    msgs.append(RPW.req_pages(page * TPS, self.hp * TPS, self.block.name))
+                    self.requests += 1
+        return b"".join(msgs)
 
     def resend_requests(self) -> int:
         """Recovery: ask again for every faulted page that has not arrived. Returns how many."""
@@ -237,7 +333,20 @@ class PostcopyDestination:
             self._all_down_since = now
 
     # -- completion
+    def close_urgent(self) -> None:
+        """Stop the urgent process, if one still runs (completion, failure)."""
+        if self._urgent_proc is not None:
+            self._urgent_proc.close()
+            self._urgent_proc = self.urgent = None
+        for fd in self.shared_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.shared_fds = []
+
     def finish(self) -> None:
+        self.close_urgent()
         os.write(self._stop_w, b"x")
         if self.fault_thread is not None:
             self.fault_thread.join(timeout=5)
@@ -249,6 +358,9 @@ class PostcopyDestination:
 
     def release(self) -> None:
         """After finish, once the source has been told: unmap the second mapping (tens of ms a GiB)."""
+        if isinstance(self.claim_lock, PipeLock):
+            self.claim_lock.close()
+            self.claim_lock = threading.Lock()
         if self.alias is not None:
             self.alias_u8 = None
             self.alias_addr = 0
@@ -277,12 +389,52 @@ class PostcopyDestination:
         }
 
     def latency_percentiles(self) -> dict[str, Any]:
-        placement = {"placement": "UFFDIO_CONTINUE" if self.minor else "UFFDIO_COPY"}
+        placement = {"placement": "UFFDIO_CONTINUE" if self.minor else "UFFDIO_COPY",
+                     "fault-path": "urgent process" if self.urgent_used else "threads"}
         if not self.latencies:
             return placement
         lat = np.array(self.latencies) * 1e6
         return {**placement, "faults": int(lat.size), "p50-us": round(float(np.percentile(lat, 50)), 1),
                 "p99-us": round(float(np.percentile(lat, 99)), 1), "max-us": round(float(lat.max()), 1)}
+
+
+class PreemptReader:
+    """The postcopy-preempt channel's bare page records, placed as they come (in the loader's
+    process on mig/dst/preempt, or in the urgent process). A lone CONTINUE|PAGE record goes in
+    straight from the receive buffer."""
+
+    def __init__(self, pc: PostcopyDestination):
+        b = pc.block
+        self.dec = D.StreamDecoder([D.LocalBlock(b.name, b.size, b.page_size)], {},
+                                   postcopy=True, bare_ram=True, buffer_size=1 << 20)
+        self.placer = Placer(pc)
+        self.lone = self.placer.hp == 1  # 4 KiB host pages: a lone page record is placed as it stands
+        self.normal = 0  # pages placed
+        self.duplicate = 0  # zero pages placed
+
+    def feed(self, recv_into: Callable[[Any], int]) -> bool:
+        """One receive, and every record it completes placed; False at the end of the channel."""
+        dec, placer = self.dec, self.placer
+        n = recv_into(dec.space())
+        if n == 0:
+            dec.finish()
+            return False
+        dec.commit(n)
+        base = dec.buffer_address
+        while True:
+            if self.lone and (rec := dec.next_page_record()) is not None:
+                placer.place_one_at(rec[0] // TPS, base + rec[1])
+                self.normal += 1
+                continue
+            if (ev := dec.next_event()) is None:
+                return True
+            idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
+            if isinstance(ev, D.Pages):
+                placer.place_pages(idx, ev.data)
+                self.normal += idx.size
+            elif isinstance(ev, D.ZeroPages):
+                placer.place_zero_pages(idx)
+                self.duplicate += idx.size
 
 
 # minor mode: pages mapped into the guest per UFFDIO_CONTINUE. A guest that outruns the push

@@ -85,6 +85,14 @@ class UserFault:
             raise GuestError(f"UFFDIO_API failed: {e.strerror}") from None
         self.features = feats
 
+    @classmethod
+    def attach(cls, fd: int) -> UserFault:
+        """A userfaultfd another process made and passed here (its API handshake is done)."""
+        self = cls.__new__(cls)
+        self.fd = fd
+        self.features = 0
+        return self
+
     def register(self, addr: int, length: int, mode: int = UFFDIO_REGISTER_MODE_MISSING) -> None:
         buf = bytearray(struct.pack("<QQQQ", addr, length, mode, 0))
         try:

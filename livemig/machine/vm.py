@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import GuestError
+from ..threadname import VCPU_THREAD_NAME, set_thread_name
 from . import kvm
 from .chardev import open_chardev
 from . import linux_boot, pvm_compat
@@ -293,7 +294,7 @@ class KvmMachine:
             self._started = True
             self._want_pause = False
             self._vcpu.immediate_exit = 0
-            self._thread = threading.Thread(target=self._vcpu_main, name="vcpu0", daemon=True)
+            self._thread = threading.Thread(target=self._vcpu_main, name=VCPU_THREAD_NAME, daemon=True)
             self._thread.start()
 
     def vcpu_thread_ids(self) -> list[int]:
@@ -357,6 +358,7 @@ class KvmMachine:
         raise _VcpuFatal(msg)
 
     def _vcpu_main(self) -> None:
+        set_thread_name(VCPU_THREAD_NAME)  # before any guest code: tells vCPU faults apart by name
         try:
             self._vcpu_loop()
         except _VcpuFatal as e:
