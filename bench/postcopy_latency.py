@@ -1,13 +1,18 @@
-"""Remote-fault latency of livemig postcopy, with and without postcopy-preempt, on the shared
-harness's dirtying guest (all RAM), switched to postcopy after the first pass.
+"""Remote-fault latency of livemig postcopy, with and without postcopy-preempt, on a guest that
+dirties all its RAM, switched to postcopy after the first pass.
 
     python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt,preempt-rp] [--backends auto,ram]
-                                      [--urgent on,off]
+                                      [--urgent on,off] [--guest harness|demo]
+
+Guests: `harness`, the shared harness's boot sector (it mostly keeps behind the background push,
+so it faults 0 to a few hundred times a run); `demo`, livemig's demo workload, which outruns the
+push and faults steadily (hundreds to thousands of times a run); its memory invariant is checked
+on the destination after each run.
 
 Modes: `main` one connection; `preempt` postcopy-preempt with page requests on the preempt
 connection (x-preempt-requests, the default between two livemigs); `preempt-rp` postcopy-preempt
 with page requests on the main connection's return path (as QEMU). `--urgent on,off` alternates
-the destination's urgent process (x-urgent-process, used in `preempt` mode) with its threads.
+the urgent processes (x-urgent-process on both sides, used in `preempt` mode) with threads.
 
 Prints per run and the medians: downtime, switchover -> complete, page requests, destination
 blocktime, and fault -> placement latency p50 / p99 (livemig's own `x-livemig-postcopy`).
@@ -21,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from livemig.cli import run_migration, start_vms, stop_vms
+from livemig.cli import parse_size, run_migration, start_vms, stop_vms, verify_migrated, wait_workload
+from livemig.guest.image import make_image
 from livemig.qmpclient import QMPClient
 
 GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "dirty.bin"
@@ -30,28 +36,38 @@ GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "di
 MODES = {"main": (False, False), "preempt": (True, True), "preempt-rp": (True, False)}  # (preempt, requests on it)
 
 
-def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent: bool = True) -> dict:
+def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent: bool = True,
+        guest: str = "harness") -> dict:
     preempt, preempt_requests = MODES[mode]
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
-    img = bytearray(GUEST.read_bytes())
-    struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
+    if guest == "demo":
+        img = bytearray(make_image(0, False))
+    else:
+        img = bytearray(GUEST.read_bytes())
+        struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
     procs = start_vms(tmp, bytes(img), mem, extra={"dst": ["--memory-backend", backend]})
     try:
+        if guest == "demo":
+            wait_workload(tmp, procs[0], 1)
         while not (tmp / "src.log").exists() or (tmp / "src.log").stat().st_size < 2:
             time.sleep(0.05)
-        if preempt and resend:
-            src = QMPClient(f"unix:{tmp}/src.qmp")
-            src.cmd("migrate-set-parameters", **{"x-preempt-resend": True})
-            src.close()
-        dst = QMPClient(f"unix:{tmp}/dst.qmp")
-        dst.cmd("migrate-set-parameters", **{"x-urgent-process": urgent})
-        dst.close()
+        for side in ("src", "dst"):
+            c = QMPClient(f"unix:{tmp}/{side}.qmp")
+            c.cmd("migrate-set-parameters", **{"x-urgent-process": urgent})
+            if side == "src" and preempt and resend:
+                c.cmd("migrate-set-parameters", **{"x-preempt-resend": True})
+            c.close()
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
                           quiet=True, postcopy=True, preempt=preempt,
                           preempt_requests=preempt_requests)
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
-        return {"status": s["status"], "downtime": s.get("downtime"), "switch_to_complete_s": r["switch_to_complete_s"],
+        status = s["status"]
+        if guest == "demo" and status == "completed":
+            ok, why = verify_migrated(tmp, parse_size(mem), 0)
+            if not ok:
+                status = f"integrity FAILED: {why}"
+        return {"status": status, "downtime": s.get("downtime"), "switch_to_complete_s": r["switch_to_complete_s"],
                 "requests": s.get("ram", {}).get("postcopy-requests"), "blocktime": d.get("postcopy-blocktime"),
                 "p50": pc.get("p50-us"), "p99": pc.get("p99-us"), "path": pc.get("fault-path")}
     finally:
@@ -65,7 +81,8 @@ def main() -> None:
     ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
     ap.add_argument("--backends", default="auto", help="destination --memory-backend values to alternate (auto,ram)")
     ap.add_argument("--modes", default="main,preempt", help=f"which of {','.join(MODES)} to run (comma-separated)")
-    ap.add_argument("--urgent", default="on", help="destination urgent process: on, off or on,off (alternated)")
+    ap.add_argument("--urgent", default="on", help="urgent processes: on, off or on,off (alternated)")
+    ap.add_argument("--guest", default="harness", choices=("harness", "demo"))
     a = ap.parse_args()
     modes = a.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
@@ -75,10 +92,10 @@ def main() -> None:
     for _ in range(a.reps):
         for run in runs:
             mode, backend, urgent = run.split("/")
-            r = one(a.mem, mode, not a.no_resend, backend, urgent == "on")
+            r = one(a.mem, mode, not a.no_resend, backend, urgent == "on", a.guest)
             results[run].append(r)
             print(f"{run:15s}", r, flush=True)
-    print(f"\nmedians over {a.reps} runs, {a.mem} guest dirtying all RAM:")
+    print(f"\nmedians over {a.reps} runs, {a.mem} {a.guest} guest dirtying all RAM:")
     for mode, rs in results.items():
         ok = [r for r in rs if r["status"] == "completed" and r["p50"] is not None]
         med = {k: statistics.median([r[k] for r in ok]) for k in ("downtime", "switch_to_complete_s", "requests",

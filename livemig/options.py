@@ -50,9 +50,11 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     # at the start; a livemig source then reads the preempt connection too, a QEMU source fails
     # at once on the unknown message (so it is off by default).
     "x-preempt-requests": (False, "bool", None, None),
-    # livemig's own, destination side, with x-preempt-requests (and no TLS): read userfaultfd and
-    # the preempt connection in a process of its own (urgent_dst.py), away from the bulk threads'
-    # GIL; off gives the in-process threads (mig/dst/fault, mig/dst/preempt) instead
+    # livemig's own, with x-preempt-requests and no TLS: each side runs its urgent path in a
+    # process of its own, away from the GIL of its bulk threads. The destination reads userfaultfd
+    # and the preempt connection there (urgent_dst.py); the source, if guest RAM is a memfd, answers
+    # the requests that come on the preempt connection there (urgent_src.py). Off: threads
+    # (mig/dst/fault, mig/dst/preempt, mig/src/preempt-return) in the migration's process
     "x-urgent-process": (True, "bool", None, None),
     # livemig's switchover policy (needs postcopy-ram; 0 = off): at the end of each precopy pass,
     # switch to postcopy when the last pass's dirty rate and bandwidth say precopy will not finish

@@ -28,9 +28,11 @@ class LinkLost(MigrationError):
 from .multifd import MultifdSender
 from .options import MigrationOptions
 from .ramblock import TPS, RamBlock, nonzero_pages, run_bounds, unpack_bitmap
+from .shm import PipeLock, shared_array
 from .stats import RamStats
 from .tls import TlsEndpoint
 from .transport import URI, Channel, connect
+from .urgent_src import SERVED, UrgentSource
 from .wire import ram as WR
 from .wire import returnpath as RPW
 from .wire import stream as WS
@@ -90,10 +92,46 @@ class RamSender:
         self.w = writer
         self.stats = stats
         self.dirty = np.ones(block.npages, dtype=np.bool_)  # everything needs sending at first
-        self.ndirty = block.npages
-        self.scan = 0
-        self.lock = threading.Lock()  # claims of dirty pages (migration thread vs urgent sends)
+        # ndirty, scan position, requests served by an urgent process (shared with it, see share())
+        self.counters = np.array([block.npages, 0, 0], dtype=np.int64)
+        self.lock: Any = threading.Lock()  # claims of dirty pages (migration thread vs urgent sends)
         self.main = PageChannel(block, writer, stats)
+        self.shared_fds: list[int] = []
+
+    @property
+    def ndirty(self) -> int:
+        return int(self.counters[0])
+
+    @ndirty.setter
+    def ndirty(self, n: int) -> None:
+        self.counters[0] = n
+
+    @property
+    def scan(self) -> int:
+        return int(self.counters[1])
+
+    @scan.setter
+    def scan(self, page: int) -> None:
+        self.counters[1] = page
+
+    def share(self) -> list[int]:
+        """Move the bitmap and counters to shared memory, the lock to a pipe, so that an urgent
+        process (urgent_src.py) can claim pages too; returns the fds to pass it (call while no
+        other thread claims: before postcopy starts)."""
+        if not self.shared_fds:
+            fd_dirty, dirty = shared_array(self.block.npages)
+            fd_ctr, counters = shared_array(self.counters.size, np.int64)
+            dirty[:] = self.dirty
+            counters[:] = self.counters
+            self.dirty, self.counters, self.lock = dirty, counters, PipeLock()
+            self.shared_fds = [fd_dirty, fd_ctr]
+        return [*self.shared_fds, *self.lock.fds]
+
+    def attach(self, fds: list[int]) -> None:
+        """In the urgent process: claim from the parent's bitmap (fds as share() returned them)."""
+        _, self.dirty = shared_array(self.block.npages, fd=fds[0])
+        _, self.counters = shared_array(self.counters.size, np.int64, fd=fds[1])
+        self.lock = PipeLock((fds[2], fds[3]))
 
     @property
     def named(self) -> bool:
@@ -175,6 +213,37 @@ class RamSender:
     def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> None:
         """Send pages on the main channel (data pages on the multifd channels, if given)."""
         self.main.send(idx, multifd)
+
+    def send_requested(self, chan: PageChannel, first: int, count: int, resend: bool) -> None:
+        """Send a requested host page on `chan` at once (the background scan then continues after
+        it): the pages of it still dirty, or with `resend` all of them (the destination keeps
+        whichever copy lands first; QEMU sends a host page on one channel only)."""
+        if count == 1:  # a 4 KiB host page: no arrays
+            if self.take_one(first) or resend:
+                chan.send_one(first)
+            return
+        idx = self.take(first, count)
+        if not idx.size:
+            if not resend:
+                return  # already claimed by the background push: somewhere in the main channel's queue
+            idx = np.arange(first, first + count)
+        chan.send(idx)
+        chan.w.flush()
+
+
+def check_page_request(msg: RPW.ReqPages, block: RamBlock, last_block: str | None) -> str:
+    """The block a page request is for (named, or the last one named); ProtocolError if it is not
+    `block`, not whole host pages, or outside it."""
+    name = msg.block or last_block
+    if name != block.name:
+        raise ProtocolError(f"return path: page request for unknown RAM block {name!r}")
+    hps = block.page_size
+    if msg.start % hps or msg.length % hps or msg.length == 0:
+        raise ProtocolError(f"return path: page request 0x{msg.start:x}+0x{msg.length:x} "
+                            f"not aligned to the {hps}-byte host page")
+    if msg.start + msg.length > block.size:
+        raise ProtocolError(f"return path: page request 0x{msg.start:x}+0x{msg.length:x} outside RAM block {name!r}")
+    return name
 
 
 class PageChannel:
@@ -295,7 +364,10 @@ class Outgoing:
         self.preempt: PageChannel | None = None  # postcopy-preempt channel, while open
         self.preempt_chan: Channel | None = None
         self.preempt_requests = False  # the destination sends page requests on the preempt channel too
-        self.preempt_requests_served = 0  # requests that came that way
+        self.preempt_requests_served = 0  # requests that came that way (to this process's threads)
+        self.urgent: UrgentSource | None = None  # serves them instead, in a process of its own
+        self.urgent_thread: threading.Thread | None = None
+        self.urgent_end: dict | None = None
         self.preempt_lock = threading.Lock()
         self.package_loaded = threading.Event()  # PONG(0x42)
         self.multifd: MultifdSender | None = None
@@ -359,8 +431,10 @@ class Outgoing:
         info["ram"] = self.stats.as_qmp()
         if self.switch_reason:
             info["x-livemig-switchover-reason"] = self.switch_reason
+        served = int(self.sender.counters[SERVED]) if getattr(self, "sender", None) is not None else 0
+        info["ram"]["postcopy-requests"] += served  # those the urgent process answered
         if self.preempt_requests:  # livemig's own: page requests that came on the preempt channel
-            info["x-livemig-preempt-requests"] = self.preempt_requests_served
+            info["x-livemig-preempt-requests"] = self.preempt_requests_served + served
         if self.pause_reason and st in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER):
             info["x-livemig-pause-reason"] = self.pause_reason
         marks = getattr(self, "switchover_marks", None)
@@ -646,6 +720,7 @@ class Outgoing:
                 c.shutdown()
         if self.rp_thread is not None:
             self.rp_thread.join(timeout=10)
+        self._close_urgent()  # its connection is down: it has ended; threads serve the next one
         with self.preempt_lock:
             self.preempt = None
         for c in (self.chan, self.preempt_chan):
@@ -741,6 +816,8 @@ class Outgoing:
         package += WS.ping(3) + WS.ping(WS.PING_PACKAGED_LOADED) + WS.command(WS.Cmd.POSTCOPY_RUN)
         marks["devices"] = time.monotonic() - t_stop
         self.in_postcopy = True  # page requests are legal from the moment the package can arrive
+        if self.urgent is not None:
+            self.urgent.postcopy()
         w.write(WS.packaged(bytes(package)))
         w.flush()
         marks["sent"] = time.monotonic() - t_stop
@@ -836,8 +913,49 @@ class Outgoing:
             time.sleep(0.001)
         chan = connect(self.uri, tls=self.tls)
         self.preempt_chan = chan
+        ram_fd = getattr(self.machine, "ram_fd", None)
+        if (self.preempt_requests and self.tls is None and ram_fd is not None and chan.sock is not None
+                and self.opts.param("x-urgent-process")):
+            block = self.sender.block
+            self.urgent = UrgentSource(chan.fd, ram_fd, block.name, block.size, block.page_size,
+                                       self.opts.param("x-preempt-resend"), self.sender.share())
+            self.urgent_thread = threading.Thread(target=self._urgent_wait, args=(self.urgent, chan),
+                                                  name="mig/src/preempt-return", daemon=True)
+            self.urgent_thread.start()
+            return
         self.preempt = PageChannel(self.sender.block, Writer(chan), self.stats)
         self._start_preempt_reader(chan)
+
+    def _urgent_wait(self, urgent: UrgentSource, chan: Channel) -> None:
+        """mig/src/preempt-return with an urgent process: wait for its end; bad input from the
+        destination fails the migration, as on the return path."""
+        end = urgent.wait()
+        self.urgent_end = end
+        if end["op"] == "error" and not self.rp_error and self.state.status not in S.FINISHED:
+            self.rp_error = end["error"]
+            self.rp_io = not end.get("protocol", False)
+            if self.chan is not None:
+                self.chan.shutdown()
+
+    def _close_urgent(self) -> None:
+        """The urgent process has ended or must: take its figures, stop it."""
+        urgent, self.urgent = self.urgent, None
+        if urgent is None:
+            return
+        t = self.urgent_thread
+        if t is not None:
+            if t.is_alive():
+                try:
+                    urgent.finish()  # it reports and exits
+                except OSError:
+                    pass
+            t.join(timeout=5)
+        urgent.close()
+        end = self.urgent_end or {}
+        self.preempt_bytes = getattr(self, "preempt_bytes", 0) + end.get("bytes", 0)
+        self.stats.normal += end.get("normal", 0)
+        self.stats.duplicate += end.get("duplicate", 0)
+        self.urgent_end = None
 
     def _start_preempt_reader(self, chan: Channel) -> None:
         if self.preempt_requests:
@@ -866,6 +984,14 @@ class Outgoing:
             pass  # a broken connection: the main channel's threads see it too and pause or fail
 
     def _close_preempt(self) -> None:
+        if self.urgent is not None:
+            self.urgent.finish()
+            assert self.urgent_thread is not None
+            self.urgent_thread.join(timeout=30)
+            if self.urgent_thread.is_alive():
+                raise LinkLost("the postcopy-preempt channel is stuck (destination not reading)")
+            self._close_urgent()
+            return
         if self.preempt is None:
             return
         if not self.preempt_lock.acquire(timeout=30):
@@ -885,21 +1011,7 @@ class Outgoing:
         with self.preempt_lock:
             if self.preempt is None:
                 return False
-            first, count = start // TPS, length // TPS
-            if count == 1:  # a 4 KiB host page: no arrays
-                if self.sender.take_one(first) or self.opts.param("x-preempt-resend"):
-                    self.preempt.send_one(first)
-                return True
-            idx = self.sender.take(first, count)
-            if not idx.size:
-                # already claimed by the background push, so somewhere in the main channel's queue.
-                # QEMU skips it (a host page goes on one channel only); with x-preempt-resend it is
-                # sent again here, and the destination keeps whichever copy lands first
-                if not self.opts.param("x-preempt-resend"):
-                    return True
-                idx = np.arange(first, first + count)
-            self.preempt.send(idx)
-            self.preempt.w.flush()
+            self.sender.send_requested(self.preempt, start // TPS, length // TPS, self.opts.param("x-preempt-resend"))
             return True
 
     def _shrink_send_buffer(self) -> None:
@@ -1075,6 +1187,7 @@ class Outgoing:
             self.preempt_chan.close()
         if self.multifd is not None:
             self.multifd.close(graceful=self.state.status == S.COMPLETED)
+        self._close_urgent()
         if self.rp_thread is not None:
             self.rp_thread.join(timeout=5)
 
@@ -1082,16 +1195,7 @@ class Outgoing:
     def _queue_request(self, msg: RPW.ReqPages) -> None:
         if not self.in_postcopy:
             raise ProtocolError("return path: page request while not in postcopy")
-        block = msg.block or self._rp_last_block
-        if block != self.sender.block.name:
-            raise ProtocolError(f"return path: page request for unknown RAM block {block!r}")
-        self._rp_last_block = block
-        hps = self.sender.block.page_size
-        if msg.start % hps or msg.length % hps or msg.length == 0:
-            raise ProtocolError(f"return path: page request 0x{msg.start:x}+0x{msg.length:x} "
-                                f"not aligned to the {hps}-byte host page")
-        if msg.start + msg.length > self.sender.block.size:
-            raise ProtocolError(f"return path: page request 0x{msg.start:x}+0x{msg.length:x} outside RAM block {block!r}")
+        self._rp_last_block = check_page_request(msg, self.sender.block, self._rp_last_block)
         self.stats.postcopy_requests += 1
         if self.preempt is not None and self._send_urgent(msg.start, msg.length):
             return
