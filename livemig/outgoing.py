@@ -486,6 +486,8 @@ class Outgoing:
             w.write(WS.postcopy_advise(block.page_size, TPS))
             if self.opts.cap("postcopy-preempt") and self.uri.scheme not in ("tcp", "unix"):
                 raise MigrationError("postcopy-preempt opens a second connection: use a tcp: or unix: URI")
+            if self.opts.cap("postcopy-preempt") and self.tls is None and self.opts.param("x-urgent-process"):
+                self.urgent = UrgentSource()  # started now: serves the preempt connection if it is asked to
         w.write(WS.section_header(WS.Section.START, RAM_SECTION_ID, WR.IDSTR, WR.INSTANCE, WR.VERSION))
         huge = block.page_size if self.opts.cap("postcopy-ram") and block.page_size != TPS else None
         w.write(WR.setup_payload([WR.BlockInfo(block.name, block.size, huge)]))
@@ -913,12 +915,17 @@ class Outgoing:
             time.sleep(0.001)
         chan = connect(self.uri, tls=self.tls)
         self.preempt_chan = chan
-        ram_fd = getattr(self.machine, "ram_fd", None)
-        if (self.preempt_requests and self.tls is None and ram_fd is not None and chan.sock is not None
-                and self.opts.param("x-urgent-process")):
-            block = self.sender.block
-            self.urgent = UrgentSource(chan.fd, ram_fd, block.name, block.size, block.page_size,
-                                       self.opts.param("x-preempt-resend"), self.sender.share())
+        if self.urgent is not None and (not self.preempt_requests or chan.sock is None):
+            self._close_urgent()  # requests come on the main return path: threads answer them
+        if self.urgent is not None:
+            block, m = self.sender.block, self.machine
+            try:
+                self.urgent.start(chan.fd, block.name, block.size, block.page_size, self.opts.param("x-preempt-resend"),
+                                  self.sender.share(), getattr(m, "ram_fd", None), m.ram_host_addr)
+            except OSError as e:  # it died: threads answer
+                print(f"livemig: urgent process not used: {e}", file=sys.stderr, flush=True)
+                self._close_urgent()
+        if self.urgent is not None:
             self.urgent_thread = threading.Thread(target=self._urgent_wait, args=(self.urgent, chan),
                                                   name="mig/src/preempt-return", daemon=True)
             self.urgent_thread.start()
@@ -928,9 +935,19 @@ class Outgoing:
 
     def _urgent_wait(self, urgent: UrgentSource, chan: Channel) -> None:
         """mig/src/preempt-return with an urgent process: wait for its end; bad input from the
-        destination fails the migration, as on the return path."""
+        destination fails the migration, as on the return path. If it cannot read guest RAM, this
+        thread answers the connection instead."""
         end = urgent.wait()
         self.urgent_end = end
+        if end.get("unable"):
+            print(f"livemig: urgent process not used: {end['unable']}", file=sys.stderr, flush=True)
+            urgent.close()
+            self.urgent = self.urgent_thread = self.urgent_end = None  # this thread serves from here on
+            with self.preempt_lock:
+                self.preempt = PageChannel(self.sender.block, Writer(chan), self.stats)
+            if self.preempt_requests:
+                self._preempt_rp_loop(chan)
+            return
         if end["op"] == "error" and not self.rp_error and self.state.status not in S.FINISHED:
             self.rp_error = end["error"]
             self.rp_io = not end.get("protocol", False)

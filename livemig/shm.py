@@ -35,8 +35,6 @@ class PipeLock:
             os.write(self.w, b"\0")
         else:
             self.r, self.w = fds
-        self.poller = select.poll()
-        self.poller.register(self.r, select.POLLIN)
 
     @property
     def fds(self) -> tuple[int, int]:
@@ -44,13 +42,15 @@ class PipeLock:
 
     def __enter__(self) -> PipeLock:
         while True:
-            if not self.poller.poll(LOCK_TIMEOUT_S * 1000):
-                raise GuestError("the postcopy claim lock was not released (its holder died?)")
             try:
                 if os.read(self.r, 1):
                     return self
             except BlockingIOError:
                 pass
+            poller = select.poll()  # one per wait: a poll object is not for two threads at once
+            poller.register(self.r, select.POLLIN)
+            if not poller.poll(LOCK_TIMEOUT_S * 1000):
+                raise GuestError("the postcopy claim lock was not released (its holder died?)")
 
     def __exit__(self, *exc) -> None:
         os.write(self.w, b"\0")
