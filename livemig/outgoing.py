@@ -435,6 +435,8 @@ class Outgoing:
         info["ram"]["postcopy-requests"] += served  # those the urgent process answered
         if self.preempt_requests:  # livemig's own: page requests that came on the preempt channel
             info["x-livemig-preempt-requests"] = self.preempt_requests_served + served
+        if served:  # livemig's own: of those, the ones its urgent process answered
+            info["x-livemig-urgent-requests"] = served
         if self.pause_reason and st in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER):
             info["x-livemig-pause-reason"] = self.pause_reason
         marks = getattr(self, "switchover_marks", None)

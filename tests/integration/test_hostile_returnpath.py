@@ -124,16 +124,19 @@ class FakePreemptDestination:
         self._drain(preempt)
 
 
+@pytest.mark.parametrize("urgent", [True, False], ids=["urgent-process", "threads"])
 @pytest.mark.parametrize("case", sorted(BAD_PREEMPT))
-def test_malformed_request_on_preempt_channel(vms, case):
-    """With x-preempt-requests the source also reads the preempt connection: bad input there fails
-    the migration clearly, before the package is loaded, and the source guest runs on."""
+def test_malformed_request_on_preempt_channel(vms, case, urgent):
+    """With x-preempt-requests the source also reads the preempt connection (in its urgent process,
+    or in a thread): bad input there fails the migration clearly, before the package is loaded,
+    and the source guest runs on."""
     reply, expect = BAD_PREEMPT[case]
     src = vms("src", memory="64M", ws_mib=4, prefill=True)
     src.wait_passes(2)
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}
                                                       for c in ("events", "postcopy-ram", "postcopy-preempt")])
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 5_000_000, "max-postcopy-bandwidth": 1_000_000})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 5_000_000, "max-postcopy-bandwidth": 1_000_000,
+                                         "x-urgent-process": urgent})
     fake = FakePreemptDestination(reply)
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
     time.sleep(0.3)

@@ -197,22 +197,29 @@ def test_postcopy_preempt(vms, immediately):
         assert info["ram"]["postcopy-requests"] > 0
 
 
-def test_postcopy_preempt_requests_on_preempt_channel(vms):
+@pytest.mark.parametrize("urgent", [True, False], ids=["urgent-processes", "threads"])
+def test_postcopy_preempt_requests_on_preempt_channel(vms, urgent):
     """x-preempt-requests on the destination: it announces it on the return path, then sends its
-    page requests on the preempt connection, where the source answers them."""
+    page requests on the preempt connection, where the source answers them; by default each
+    side does that in a process of its own (x-urgent-process), else in threads."""
     global PC
     src = vms("src", memory="256M", ws_mib=0)
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(1)
+    src.cmd("migrate-set-parameters", **{"x-urgent-process": urgent})
     saved, PC = PC, PC + ("postcopy-preempt",)
     try:
-        info = _postcopy(src, dst, immediately=True, dst_params={"x-preempt-requests": True})
+        info = _postcopy(src, dst, immediately=True,
+                         dst_params={"x-preempt-requests": True, "x-urgent-process": urgent})
     finally:
         PC = saved
     assert_migrated(src, dst, 256 * MiB, 0)
     requests = info["ram"]["postcopy-requests"]
     assert requests > 0 and 0 < info["x-livemig-preempt-requests"] <= requests, info
-    assert dst.cmd("query-migrate")["x-livemig-postcopy"]["faults"] > 0
+    dpc = dst.cmd("query-migrate")["x-livemig-postcopy"]
+    assert dpc["faults"] > 0, dpc
+    assert dpc["fault-path"] == ("urgent process" if urgent else "threads"), dpc
+    assert (info.get("x-livemig-urgent-requests", 0) > 0) == urgent, info
 
 
 def test_postcopy_preempt_hugetlb(vms, hugepages):
