@@ -69,7 +69,8 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
                 status = f"integrity FAILED: {why}"
         return {"status": status, "downtime": s.get("downtime"), "switch_to_complete_s": r["switch_to_complete_s"],
                 "requests": s.get("ram", {}).get("postcopy-requests"), "blocktime": d.get("postcopy-blocktime"),
-                "p50": pc.get("p50-us"), "p99": pc.get("p99-us"), "path": pc.get("fault-path")}
+                "p50": pc.get("p50-us"), "p99": pc.get("p99-us"), "path": pc.get("fault-path"),
+                "faults": pc.get("faults"), "mapped_at_fault": pc.get("mapped-at-fault")}
     finally:
         stop_vms(tmp, procs)
 

@@ -82,16 +82,21 @@ class HelperProcess:
                 return msg
 
     def close(self) -> None:
+        """Tell it to end (it exits when the control socket closes) and reap it on a thread of its
+        own: the migration's completion does not wait for a process to exit."""
         try:
             self.ctl.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self.ctl.close()
+        threading.Thread(target=self._reap, name="mig/urgent-reap", daemon=True).start()
+
+    def _reap(self) -> None:
         try:
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.ctl.close()
 
 
 def child_main(argv: list[str], name: str, serve: Callable[[socket.socket], dict]) -> None:
@@ -109,3 +114,6 @@ def child_main(argv: list[str], name: str, serve: Callable[[socket.socket], dict
         send_msg(ctl, result)
     except OSError:
         pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: nothing is left to do, and it takes tens of ms

@@ -34,7 +34,12 @@ MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.pwrite.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long)
+_libc.pwrite.restype = ctypes.c_ssize_t
 LATENCY_BUCKETS = 24
+# minor mode, PostcopyDestination.claimed: a placer has taken the page on (CLAIMED), its data is in
+# guest RAM's page cache and anyone may map it (WRITTEN; also every page received before LISTEN)
+CLAIMED, WRITTEN = 1, 2
 
 
 class _BlockShape(NamedTuple):
@@ -82,11 +87,11 @@ class PostcopyDestination:
         self.shared_fds: list[int] = []
         if self.urgent is not None:  # the bitmaps the urgent process reads and writes too
             fd_req, self.requested = shared_array(block.npages)
-            fd_claim, self.claimed = shared_array(block.npages)
+            fd_claim, self.claimed = shared_array(block.npages, np.uint8)
             self.shared_fds = [fd_req, fd_claim]
         else:
             self.requested = np.zeros(block.npages, dtype=np.bool_)
-            self.claimed = np.zeros(0, dtype=np.bool_)
+            self.claimed = np.zeros(0, dtype=np.uint8)
         self.fault_time: dict[int, tuple[float, int]] = {}  # page -> (monotonic, vcpu index or -1)
         self.lock = threading.Lock()
         self.hp = block.page_size // TPS  # target pages per host page
@@ -99,13 +104,18 @@ class PostcopyDestination:
         self.alias_ready = alias_ready or (lambda: 0)
         self.alias_u8: np.ndarray | None = None
         self.alias_addr = 0
+        # minor mode: a lone page goes into the memfd with pwrite, not through the second mapping
+        # (the urgent process's own second mapping is not populated: a page fault per page)
+        self.pwrite_lone = False
         # minor mode: pages a placer has taken on (a write into the second mapping is not refused
-        # like a UFFDIO_COPY onto a present page: two placers must never both write one page);
-        # with an urgent process the lock is a pipe both processes take
+        # like a UFFDIO_COPY onto a present page: two placers must never both write one page), and
+        # pages written (which a fault may map at once); with an urgent process the lock is a pipe
+        # both processes take
         self.claim_lock: Any = PipeLock() if self.urgent is not None else threading.Lock()
         self.main_placer = Placer(self)
         self.requests = 0
         self.faults = 0
+        self.mapped_at_fault = 0  # minor mode: faults on pages written but not mapped yet, mapped at once
         self.latencies: list[float] = []  # seconds, every remote fault (vCPU or not)
         self.vcpu_latency_total = 0.0
         self.vcpu_faults = 0
@@ -114,6 +124,7 @@ class PostcopyDestination:
         self._all_down_since: float | None = None
         self._stop_r, self._stop_w = os.pipe()
         self.fault_thread: threading.Thread | None = None
+        self.fault_cont_buf = bytearray(32)
 
     # -- before LISTEN (memory is not registered yet)
     def advise(self) -> None:
@@ -160,10 +171,9 @@ class PostcopyDestination:
         self.uffd = UserFault()
         if self.minor:
             assert self.alias is not None, "ADVISE maps the second mapping"
-            if self.urgent is not None:
-                self.claimed[:] = self.received
-            else:
-                self.claimed = self.received.copy()
+            if self.urgent is None:
+                self.claimed = np.zeros(self.block.npages, dtype=np.uint8)
+            np.multiply(self.received, WRITTEN, out=self.claimed, casting="unsafe")
             # MISSING too: a page never populated has no page-cache page to map (writing it in the
             # second mapping creates one; UFFDIO_CONTINUE then wakes the fault either way)
             self.uffd.register(self.addr, self.block.size, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR)
@@ -196,7 +206,7 @@ class PostcopyDestination:
         nonzero = np.zeros(npages, dtype=np.bool_)  # the parent's counts; nothing reads this one
         self = cls(block, cfg["addr"], send, received, nonzero, lambda: [])
         _, self.requested = shared_array(npages, fd=fds[2])
-        _, self.claimed = shared_array(npages, fd=fds[3])
+        _, self.claimed = shared_array(npages, np.uint8, fd=fds[3])
         self.claim_lock = PipeLock((fds[4], fds[5]))
         self.uffd = UserFault.attach(fds[0])
         self.minor = cfg["minor"]
@@ -205,6 +215,7 @@ class PostcopyDestination:
             self.alias = mmap.mmap(self.ram_fd, block.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.alias_u8 = np.frombuffer(self.alias, dtype=np.uint8).reshape(npages, TPS)
             self.alias_addr = self.alias_u8.ctypes.data
+            self.pwrite_lone = True
         self.listening = True
         return self
 
@@ -213,7 +224,7 @@ class PostcopyDestination:
         """What the urgent process hands back when it ends (JSON-able)."""
         return {"latencies": self.latencies, "vcpu_latency_total": self.vcpu_latency_total,
                 "vcpu_faults": self.vcpu_faults, "blocktime": self.blocktime, "faults": self.faults,
-                "requests": self.requests, "fault_time": [[p, t, v] for p, (t, v) in self.fault_time.items()],
+                "requests": self.requests, "mapped_at_fault": self.mapped_at_fault, "fault_time": [[p, t, v] for p, (t, v) in self.fault_time.items()],
                 "blocked": list(self._blocked.items()), "all_down_since": self._all_down_since}
 
     def merge(self, d: dict[str, Any]) -> None:
@@ -226,6 +237,7 @@ class PostcopyDestination:
             self.blocktime += d["blocktime"]
             self.faults += d["faults"]
             self.requests += d["requests"]
+            self.mapped_at_fault += d["mapped_at_fault"]
             self.fault_time.update({int(p): (t, int(v)) for p, t, v in d["fault_time"]})
             self._blocked.update({int(k): int(v) for k, v in d["blocked"]})
             self._all_down_since = d["all_down_since"]
@@ -296,6 +308,7 @@ class PostcopyDestination:
         tids = self.vcpu_tids()
         page_of = self.addr
         msgs = []
+        written: list[tuple[int, int]] = []  # minor mode: (page, vcpu) whose data is there already
         with self.lock:
             for addr, _flags, tid in faults:
                 page = (addr - page_of) // TPS
@@ -304,6 +317,9 @@ class PostcopyDestination:
                     continue
                 self.faults += 1
                 vcpu = tids.index(tid) if tid in tids else -1
+                if self.minor and self.claimed[page] == WRITTEN:
+                    written.append((page, vcpu))
+                    continue
                 if not self.requested[page]:
                     self.requested[page] = True
                     if self.received[page]:  # placed since the check above: the placer saw
@@ -316,6 +332,15 @@ class PostcopyDestination:
                     # out first on the new connection, where an unnamed one would be an error
                     msgs.append(RPW.req_pages(page * TPS, self.hp * TPS, self.block.name))
                     self.requests += 1
+        for page, vcpu in written:  # its placer has not mapped it yet: no need to wait for that
+            self.uffd.cont(page_of + page * TPS, TPS, self.fault_cont_buf)
+            done = time.monotonic()
+            with self.lock:
+                self.mapped_at_fault += 1
+                self._account(done, done - now, -1)
+                if vcpu >= 0:
+                    self.vcpu_latency_total += done - now
+                    self.vcpu_faults += 1
         return b"".join(msgs)
 
     def resend_requests(self) -> int:
@@ -394,6 +419,8 @@ class PostcopyDestination:
         if not self.latencies:
             return placement
         lat = np.array(self.latencies) * 1e6
+        if self.minor:
+            placement["mapped-at-fault"] = self.mapped_at_fault
         return {**placement, "faults": int(lat.size), "p50-us": round(float(np.percentile(lat, 50)), 1),
                 "p99-us": round(float(np.percentile(lat, 99)), 1), "max-us": round(float(lat.max()), 1)}
 
@@ -488,11 +515,19 @@ class Placer:
         pc = self.pc
         if pc.minor:
             with pc.claim_lock:
-                if pc.claimed[page]:
-                    return  # another placer has it
-                pc.claimed[page] = True
-            ctypes.memmove(pc.alias_addr + page * TPS, src, TPS)
-            pc.uffd.cont(pc.addr + page * TPS, TPS, self.cont_buf)
+                state = pc.claimed[page]
+                if not state:
+                    pc.claimed[page] = CLAIMED
+            if state == CLAIMED:
+                return  # another placer is writing it; it maps it next
+            if not state:
+                if pc.pwrite_lone:
+                    if _libc.pwrite(pc.ram_fd, src, TPS, page * TPS) != TPS:
+                        raise GuestError(f"writing page {page} into guest RAM failed: {os.strerror(ctypes.get_errno())}")
+                else:
+                    ctypes.memmove(pc.alias_addr + page * TPS, src, TPS)
+                pc.claimed[page] = WRITTEN
+            pc.uffd.cont(pc.addr + page * TPS, TPS, self.cont_buf)  # EEXIST if mapped already
         elif not pc.received[page]:
             pc.uffd.copy(pc.addr + page * TPS, src, TPS, self.copy_buf)
         pc.received[page] = True
@@ -520,9 +555,9 @@ class Placer:
         for s in range(0, idx.size, 256):
             part = idx[s:s + 256]
             with pc.claim_lock:
-                todo = ~pc.claimed[part]
+                todo = pc.claimed[part] == 0
                 mine = part[todo] if not todo.all() else part
-                pc.claimed[mine] = True
+                pc.claimed[mine] = CLAIMED
             if not mine.size:
                 continue
             first, n = int(mine[0]), mine.size
@@ -538,6 +573,7 @@ class Placer:
                 alias[first:first + n] = data[s:s + n]
             else:
                 alias[mine] = data[s:s + part.size][todo]
+            pc.claimed[mine] = WRITTEN  # a fault on one of them may map it from now on
             cuts = np.flatnonzero(np.diff(mine) != 1) + 1
             for a, b in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [n])).tolist()):
                 i, j = int(mine[a]), int(mine[b - 1]) + 1
