@@ -1,12 +1,15 @@
 """Extra memory of livemig's processes beyond guest RAM, before and during a migration.
 
-    python3 bench/memory_overhead.py [--mem 4G] [--ws 64] [--postcopy] [--multifd N]
+    python3 bench/memory_overhead.py [--mem 4G] [--ws 64] [--postcopy [--preempt]] [--multifd N]
 
 Starts a source (prefilled guest) and a waiting destination, samples /proc/PID/smaps of both
 every 50 ms while it migrates, and prints per side: resident memory outside the guest RAM
 mappings (those whose size is the guest's memory size: a memfd-backed destination has two) at
 idle and at its peak during the migration, the peak total (guest RAM counted once), and the peak
-of the page tables (VmPTE, which smaps does not count). Ends with the integrity check.
+of the page tables (VmPTE, which smaps does not count). With --preempt each side also has an
+urgent process (x-urgent-process): its peak proportional set size (PSS: the pages it shares with
+the VM process, such as the interpreter and numpy, count by half) and page tables are printed
+too, and the last column adds them to the VM process's. Ends with the integrity check.
 """
 from __future__ import annotations
 
@@ -45,25 +48,45 @@ def extra_kib(pid: int, guest_kib: int) -> tuple[int, int, int]:
     return total, total + max(guest, default=0), pte
 
 
+def children_kib(pid: int) -> tuple[int, int]:
+    """(PSS KiB, page tables KiB) of the child processes of `pid` (its urgent process)."""
+    pss = pte = 0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return 0, 0
+    for k in kids:
+        try:
+            with open(f"/proc/{k}/smaps_rollup") as f:
+                pss += sum(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{k}/status") as f:
+                pte += sum(int(line.split()[1]) for line in f if line.startswith("VmPTE:"))
+        except OSError:
+            continue
+    return pss, pte
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mem", default="4G")
     ap.add_argument("--ws", type=int, default=64)
     ap.add_argument("--postcopy", action="store_true")
     ap.add_argument("--multifd", type=int, default=0)
+    ap.add_argument("--preempt", action="store_true", help="postcopy-preempt (with the urgent processes)")
     args = ap.parse_args()
     mem = parse_size(args.mem)
     ws = 0 if args.postcopy else args.ws
     tmp = Path(tempfile.mkdtemp(prefix="livemig-mem-"))
     procs = start_vms(tmp, make_image(ws, True), args.mem)
-    peak = {"src": [0, 0, 0], "dst": [0, 0, 0]}
+    peak = {"src": [0, 0, 0, 0, 0], "dst": [0, 0, 0, 0, 0]}
     stop = threading.Event()
 
     def sampler() -> None:
         while not stop.wait(0.05):
             for name, p in zip(("src", "dst"), procs):
                 try:
-                    sample = extra_kib(p.pid, mem >> 10)
+                    sample = extra_kib(p.pid, mem >> 10) + children_kib(p.pid)
                 except OSError:
                     continue
                 peak[name] = [max(a, b) for a, b in zip(peak[name], sample)]
@@ -74,18 +97,21 @@ def main() -> int:
         th = threading.Thread(target=sampler, daemon=True)
         th.start()
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None, quiet=True,
-                          postcopy=args.postcopy, multifd=args.multifd)
+                          postcopy=args.postcopy, preempt=args.preempt, multifd=args.multifd)
         stop.set()
         th.join()
         s = r["source"]
         ok, why = verify_migrated(tmp, mem, ws) if s["status"] == "completed" else (False, s.get("error-desc", ""))
-        print(f"{args.mem} guest, {'postcopy' if args.postcopy else 'precopy'}"
+        print(f"{args.mem} guest, {'postcopy' if args.postcopy else 'precopy'}{'-preempt' if args.preempt else ''}"
               f"{f', multifd {args.multifd}' if args.multifd else ''}: {s['status']}, "
               f"total {s.get('total-time')} ms, integrity {'ok' if ok else 'FAILED: ' + why}")
-        print("| side | extra at idle MiB | extra peak during migration MiB | total resident peak MiB | page tables peak MiB |")
-        print("|---|---|---|---|---|")
+        print("| side | extra at idle MiB | extra peak during migration MiB | total resident peak MiB | page tables peak MiB "
+              "| urgent process PSS / page tables peak MiB | extra peak + page tables + urgent process MiB |")
+        print("|---|---|---|---|---|---|---|")
         for n in ("src", "dst"):
-            print(f"| {n} | {idle[n] / 1024:.1f} | {peak[n][0] / 1024:.1f} | {peak[n][1] / 1024:.0f} | {peak[n][2] / 1024:.1f} |")
+            e, t, pte, kpss, kpte = (v / 1024 for v in peak[n])
+            print(f"| {n} | {idle[n] / 1024:.1f} | {e:.1f} | {t:.0f} | {pte:.1f} | {kpss:.1f} / {kpte:.1f} "
+                  f"| {e + pte + kpss + kpte:.1f} |")
         return 0 if ok else 1
     finally:
         stop.set()
