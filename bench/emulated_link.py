@@ -7,7 +7,8 @@ the two namespaces see the traffic. Needs root and iproute2.
 
 Per link: precopy of a prefilled guest (16 MiB working set, which converges on 1 Gbit/s), and
 postcopy (one channel, with postcopy-preempt, and with postcopy-preempt but page requests on the
-main connection's return path as QEMU sends them: `postcopy+preempt-rp`) of a guest dirtying all
+main connection's return path as QEMU sends them: `postcopy+preempt-rp`, or served by the urgent
+processes, x-urgent-process: `postcopy+preempt+urgent`) of a guest dirtying all
 RAM, switched after the first pass; each run ends with the integrity check; prints medians of total
 time, downtime, throughput and, for postcopy, remote-fault latency p50/p99 (fault -> placement,
 livemig's `x-livemig-postcopy`) against the link's RTT, both the added one and the one measured
@@ -117,11 +118,11 @@ class Link:
             subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
 
 
-MODES = ("precopy", "postcopy", "postcopy+preempt", "postcopy+preempt-rp")
+MODES = ("precopy", "postcopy", "postcopy+preempt", "postcopy+preempt-rp", "postcopy+preempt+urgent")
 
 
 def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = False,
-        preempt_requests: bool | None = None) -> dict:
+        preempt_requests: bool | None = None, urgent: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-link-"))
     ws = 0 if postcopy else 16
     procs = start_vms(tmp, make_image(ws, True), mem,
@@ -138,7 +139,7 @@ def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = F
         wait_workload(tmp, procs[0], 1)
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", f"tcp:{DST_IP}:{MIG_PORT}",
                           100_000_000_000, None, quiet=True, timeout=300, postcopy=postcopy, preempt=preempt,
-                          via=via, preempt_requests=preempt_requests)
+                          via=via, preempt_requests=preempt_requests, urgent_process=urgent)
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         busy = max(s.get("total-time", 0) - s.get("setup-time", 0), 1)
@@ -180,7 +181,8 @@ def main() -> int:
             print(f"{rate} rtt+{rtt} ms: measured round trip through the relay {rtt_us:.0f} us", flush=True)
             for mode in modes:
                 runs = [one(link, float(rtt), args.mem, mode != "precopy", "preempt" in mode,
-                            False if mode.endswith("-rp") else None) for _ in range(args.reps)]
+                            False if mode.endswith("-rp") else None, mode.endswith("+urgent"))
+                        for _ in range(args.reps)]
                 for r in runs:
                     print(f"{rate} rtt+{rtt} ms {mode}: {r}", flush=True)
                     bad += r.get("integrity") != "ok"

@@ -70,7 +70,8 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
         return {"status": status, "downtime": s.get("downtime"), "switch_to_complete_s": r["switch_to_complete_s"],
                 "requests": s.get("ram", {}).get("postcopy-requests"), "blocktime": d.get("postcopy-blocktime"),
                 "p50": pc.get("p50-us"), "p99": pc.get("p99-us"), "path": pc.get("fault-path"),
-                "faults": pc.get("faults"), "mapped_at_fault": pc.get("mapped-at-fault")}
+                "faults": pc.get("faults"), "mapped_at_fault": pc.get("mapped-at-fault"),
+                "mapped_p50": pc.get("mapped-at-fault-p50-us")}
     finally:
         stop_vms(tmp, procs)
 
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
     ap.add_argument("--backends", default="auto", help="destination --memory-backend values to alternate (auto,ram)")
     ap.add_argument("--modes", default="main,preempt", help=f"which of {','.join(MODES)} to run (comma-separated)")
-    ap.add_argument("--urgent", default="on", help="urgent processes: on, off or on,off (alternated)")
+    ap.add_argument("--urgent", default="off", help="urgent processes (x-urgent-process): off, on or on,off (alternated)")
     ap.add_argument("--guest", default="harness", choices=("harness", "demo"))
     a = ap.parse_args()
     modes = a.modes.split(",")

@@ -163,7 +163,7 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
                   postcopy: bool = False, preempt: bool = False, multifd: int = 0,
                   policy: dict | None = None, report: str | None = None, via: str | None = None,
                   postcopy_now: bool = False, tls_creds: str | None = None, tls_hostname: str | None = None,
-                  preempt_requests: bool | None = None) -> dict:
+                  preempt_requests: bool | None = None, urgent_process: bool = False) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides.
 
     `postcopy` without a `policy` switches after the first full pass, as QEMU's tests do; a
@@ -175,7 +175,8 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     endpoint=server on the destination); every connection is TLS; `tls_hostname` is the name the
     destination's certificate must carry (default: the host of the tcp: URI). `preempt_requests`
     (postcopy-preempt): page requests on the preempt connection (x-preempt-requests); by default
-    on when both sides are livemig."""
+    on when both sides are livemig; `urgent_process` then serves them in a process of its own on
+    each side (x-urgent-process)."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -209,6 +210,9 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
         if preempt_requests is None:
             preempt_requests = all("livemig" in side.cmd("query-version").get("package", "") for side in (src, dst))
         dst.cmd("migrate-set-parameters", **{"x-preempt-requests": preempt_requests})
+        if preempt_requests:
+            for side in (src, dst):
+                side.cmd("migrate-set-parameters", **{"x-urgent-process": urgent_process})
     # set (or clear) TLS on both sides, like the capabilities
     dst.cmd("migrate-set-parameters", **{"tls-creds": tls_creds or ""})
     src.cmd("migrate-set-parameters", **{"tls-creds": tls_creds or "", "tls-hostname": tls_hostname or ""})
@@ -310,6 +314,9 @@ def print_summary(result: dict, integrity: tuple[bool, str] | None = None) -> No
             t.add_row("remote faults", f"{pc.get('faults', 0)} faults, latency p50 {pc.get('p50-us', '-')} us, "
                                        f"p99 {pc.get('p99-us', '-')} us; vCPU blocktime "
                                        f"{d.get('postcopy-vcpu-blocktime', ['-'])[0]} ms")
+            if pc.get("mapped-at-fault"):
+                t.add_row("faults on arrived pages", f"{pc['mapped-at-fault']} mapped at once, "
+                                                     f"p50 {pc.get('mapped-at-fault-p50-us', '-')} us")
     if info.get("x-livemig-switchover-reason"):
         t.add_row("switched to postcopy", info["x-livemig-switchover-reason"])
     if result.get("report"):
@@ -333,6 +340,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         result = run_migration(args.src, args.dst, args.uri, args.max_bandwidth, args.downtime_limit,
                                postcopy=args.postcopy, preempt=args.preempt, multifd=args.multifd,
+                               urgent_process=args.urgent_process,
                                policy=_policy(args), report=args.report, tls_creds=args.tls_creds,
                                tls_hostname=args.tls_hostname)
     except MigrationError as e:
@@ -371,6 +379,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None,
                                args.max_bandwidth, args.downtime_limit, postcopy=args.postcopy,
                                preempt=args.preempt, multifd=args.multifd, policy=_policy(args),
+                               urgent_process=args.urgent_process,
                                report=args.report, tls_creds="tls0" if args.tls else None)
         integrity = None
         if result["source"].get("status") == "completed":
@@ -542,6 +551,9 @@ def _migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postcopy", action="store_true",
                    help="postcopy-ram; without a policy option, switch after the first full pass")
     p.add_argument("--preempt", action="store_true", help="with postcopy: postcopy-preempt (a second connection)")
+    p.add_argument("--urgent-process", action="store_true",
+                   help="with --preempt: each side serves page requests in a process of its own "
+                        "(x-urgent-process; lower fault latency, ~23 MiB more memory a side)")
     p.add_argument("--multifd", type=int, default=0, metavar="N", help="precopy over N multifd channels")
     p.add_argument("--switchover-budget", type=int, metavar="MS",
                    help="switch to postcopy when precopy would not finish within MS ms (implies --postcopy)")

@@ -52,10 +52,11 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     "x-preempt-requests": (False, "bool", None, None),
     # livemig's own, with x-preempt-requests and no TLS: each side runs its urgent path in a
     # process of its own, away from the GIL of its bulk threads. The destination reads userfaultfd
-    # and the preempt connection there (urgent_dst.py); the source, if guest RAM is a memfd, answers
-    # the requests that come on the preempt connection there (urgent_src.py). Off: threads
+    # and the preempt connection there (urgent_dst.py); the source answers the requests that come
+    # on the preempt connection there (urgent_src.py). Off by default: each process costs ~23 MiB
+    # (PSS), which takes a 4 GiB guest's extra memory past 64 MiB a side. Off: threads
     # (mig/dst/fault, mig/dst/preempt, mig/src/preempt-return) in the migration's process
-    "x-urgent-process": (True, "bool", None, None),
+    "x-urgent-process": (False, "bool", None, None),
     # livemig's switchover policy (needs postcopy-ram; 0 = off): at the end of each precopy pass,
     # switch to postcopy when the last pass's dirty rate and bandwidth say precopy will not finish
     # within this many ms since `migrate` ...

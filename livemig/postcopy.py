@@ -115,8 +115,9 @@ class PostcopyDestination:
         self.main_placer = Placer(self)
         self.requests = 0
         self.faults = 0
-        self.mapped_at_fault = 0  # minor mode: faults on pages written but not mapped yet, mapped at once
-        self.latencies: list[float] = []  # seconds, every remote fault (vCPU or not)
+        self.latencies: list[float] = []  # seconds, every remote fault (vCPU or not): it sent a request
+        # minor mode: faults on pages written but not mapped yet, mapped at once (no request)
+        self.local_latencies: list[float] = []
         self.vcpu_latency_total = 0.0
         self.vcpu_faults = 0
         self.blocktime = 0.0  # time during which all vCPUs were blocked
@@ -224,7 +225,7 @@ class PostcopyDestination:
         """What the urgent process hands back when it ends (JSON-able)."""
         return {"latencies": self.latencies, "vcpu_latency_total": self.vcpu_latency_total,
                 "vcpu_faults": self.vcpu_faults, "blocktime": self.blocktime, "faults": self.faults,
-                "requests": self.requests, "mapped_at_fault": self.mapped_at_fault, "fault_time": [[p, t, v] for p, (t, v) in self.fault_time.items()],
+                "requests": self.requests, "local_latencies": self.local_latencies, "fault_time": [[p, t, v] for p, (t, v) in self.fault_time.items()],
                 "blocked": list(self._blocked.items()), "all_down_since": self._all_down_since}
 
     def merge(self, d: dict[str, Any]) -> None:
@@ -237,7 +238,7 @@ class PostcopyDestination:
             self.blocktime += d["blocktime"]
             self.faults += d["faults"]
             self.requests += d["requests"]
-            self.mapped_at_fault += d["mapped_at_fault"]
+            self.local_latencies += d["local_latencies"]
             self.fault_time.update({int(p): (t, int(v)) for p, t, v in d["fault_time"]})
             self._blocked.update({int(k): int(v) for k, v in d["blocked"]})
             self._all_down_since = d["all_down_since"]
@@ -336,8 +337,7 @@ class PostcopyDestination:
             self.uffd.cont(page_of + page * TPS, TPS, self.fault_cont_buf)
             done = time.monotonic()
             with self.lock:
-                self.mapped_at_fault += 1
-                self._account(done, done - now, -1)
+                self.local_latencies.append(done - now)
                 if vcpu >= 0:
                     self.vcpu_latency_total += done - now
                     self.vcpu_faults += 1
@@ -393,8 +393,10 @@ class PostcopyDestination:
             self.alias = None
 
     def stats(self, vcpus: int = 1) -> dict[str, Any]:
-        """QEMU's destination postcopy fields (blocktime in ms, latencies in ns)."""
-        lat = np.array(self.latencies) if self.latencies else np.zeros(0)
+        """QEMU's destination postcopy fields (blocktime in ms, latencies in ns), over every fault
+        the guest waited on (remote ones and those mapped at once)."""
+        both = self.latencies + self.local_latencies
+        lat = np.array(both) if both else np.zeros(0)
         dist = [0] * LATENCY_BUCKETS
         if lat.size:
             us = np.maximum(lat * 1e6, 1.0)
@@ -414,13 +416,17 @@ class PostcopyDestination:
         }
 
     def latency_percentiles(self) -> dict[str, Any]:
+        """livemig's own figures: fault -> placement of remote faults (those that sent a request),
+        and how many faults found their page written and were mapped at once (minor mode)."""
         placement = {"placement": "UFFDIO_CONTINUE" if self.minor else "UFFDIO_COPY",
                      "fault-path": "urgent process" if self.urgent_used else "threads"}
+        if self.minor:
+            placement["mapped-at-fault"] = len(self.local_latencies)
+            if self.local_latencies:
+                placement["mapped-at-fault-p50-us"] = round(float(np.percentile(self.local_latencies, 50)) * 1e6, 1)
         if not self.latencies:
             return placement
         lat = np.array(self.latencies) * 1e6
-        if self.minor:
-            placement["mapped-at-fault"] = self.mapped_at_fault
         return {**placement, "faults": int(lat.size), "p50-us": round(float(np.percentile(lat, 50)), 1),
                 "p99-us": round(float(np.percentile(lat, 99)), 1), "max-us": round(float(lat.max()), 1)}
 

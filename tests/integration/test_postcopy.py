@@ -200,8 +200,8 @@ def test_postcopy_preempt(vms, immediately):
 @pytest.mark.parametrize("urgent", [True, False], ids=["urgent-processes", "threads"])
 def test_postcopy_preempt_requests_on_preempt_channel(vms, urgent):
     """x-preempt-requests on the destination: it announces it on the return path, then sends its
-    page requests on the preempt connection, where the source answers them; by default each
-    side does that in a process of its own (x-urgent-process), else in threads."""
+    page requests on the preempt connection, where the source answers them: in threads, or with
+    x-urgent-process each side in a process of its own."""
     global PC
     src = vms("src", memory="256M", ws_mib=0)
     dst = vms("dst", memory="256M", incoming="defer")

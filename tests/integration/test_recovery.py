@@ -8,15 +8,16 @@ from qemu.qmp import ExecuteError
 from vmtools import MiB, assert_migrated, migrate, switch_after_first_pass
 
 
-def _postcopy_under_way(vms, tmp_path, preempt=False, bandwidth=40 << 20):
+def _postcopy_under_way(vms, tmp_path, preempt=False, bandwidth=40 << 20, urgent=False):
     """A 256 MiB all-RAM-dirtying guest switched to postcopy with a slow background push, so it
-    stays in postcopy-active for seconds."""
+    stays in postcopy-active for seconds. `urgent`: preempt requests served by the urgent processes."""
     src = vms("src", memory="256M", ws_mib=0)
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(1)
     caps = ["events", "postcopy-ram"] + (["postcopy-preempt"] if preempt else [])
     if preempt:  # page requests on the preempt connection too, across reconnections
-        dst.cmd("migrate-set-parameters", **{"x-preempt-requests": True})
+        dst.cmd("migrate-set-parameters", **{"x-preempt-requests": True, "x-urgent-process": urgent})
+        src.cmd("migrate-set-parameters", **{"x-urgent-process": urgent})
     migrate(src, dst, f"unix:{tmp_path}/mig.sock", caps=caps, wait=False,
             params={"max-bandwidth": 400 << 20, "max-postcopy-bandwidth": bandwidth,
                     "downtime-limit": 1})  # precopy must not finish before the switch
@@ -66,11 +67,13 @@ def test_failed_resume_goes_back_to_paused_and_retries(vms, tmp_path):
     assert_migrated(src, dst, 256 * MiB, 0)
 
 
-@pytest.mark.parametrize("same_path", [False, True], ids=["new-address", "same-address"])
-def test_recover_twice_with_preempt(vms, tmp_path, same_path):
+@pytest.mark.parametrize("same_path,urgent", [(False, False), (True, False), (False, True)],
+                         ids=["new-address", "same-address", "urgent-processes"])
+def test_recover_twice_with_preempt(vms, tmp_path, same_path, urgent):
     """Two pauses in one migration; with the same recovery address both times, the second
-    listener's socket file must survive the first one's cleanup."""
-    src, dst = _postcopy_under_way(vms, tmp_path, preempt=True, bandwidth=20 << 20)
+    listener's socket file must survive the first one's cleanup. With the urgent processes, the
+    first connection's end ends them and threads serve the reconnections."""
+    src, dst = _postcopy_under_way(vms, tmp_path, preempt=True, bandwidth=20 << 20, urgent=urgent)
     for i in range(2):
         (src, dst)[i].cmd("migrate-pause")
         _both_paused(src, dst)
