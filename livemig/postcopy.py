@@ -270,8 +270,8 @@ class PostcopyDestination:
                 t0, vcpu = self.fault_time.pop(page, (now, -1))
                 self._account(now, now - t0, vcpu)
 
-    def _account(self, now: float, lat: float, vcpu: int) -> None:
-        self.latencies.append(lat)
+    def _account(self, now: float, lat: float, vcpu: int, local: bool = False) -> None:
+        (self.local_latencies if local else self.latencies).append(lat)
         if vcpu < 0:
             return
         self.vcpu_latency_total += lat
@@ -320,6 +320,8 @@ class PostcopyDestination:
                 vcpu = tids.index(tid) if tid in tids else -1
                 if self.minor and self.claimed[page] == WRITTEN:
                     written.append((page, vcpu))
+                    if vcpu >= 0:
+                        self._block(vcpu, now, len(tids))
                     continue
                 if not self.requested[page]:
                     self.requested[page] = True
@@ -337,10 +339,7 @@ class PostcopyDestination:
             self.uffd.cont(page_of + page * TPS, TPS, self.fault_cont_buf)
             done = time.monotonic()
             with self.lock:
-                self.local_latencies.append(done - now)
-                if vcpu >= 0:
-                    self.vcpu_latency_total += done - now
-                    self.vcpu_faults += 1
+                self._account(done, done - now, vcpu, local=True)
         return b"".join(msgs)
 
     def resend_requests(self) -> int:
