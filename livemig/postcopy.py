@@ -23,7 +23,6 @@ import numpy as np
 from .errors import GuestError, ProtocolError, TransportError
 from .ramblock import TPS, RamBlock
 from .shm import PipeLock, shared_array
-from .threadname import is_vcpu_thread
 from .wire import decoder as D
 from .uffd import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UserFault, probe
 from .wire import returnpath as RPW
@@ -225,7 +224,8 @@ class PostcopyDestination:
         """What the urgent process hands back when it ends (JSON-able)."""
         return {"latencies": self.latencies, "vcpu_latency_total": self.vcpu_latency_total,
                 "vcpu_faults": self.vcpu_faults, "blocktime": self.blocktime, "faults": self.faults,
-                "requests": self.requests, "local_latencies": self.local_latencies, "fault_time": [[p, t, v] for p, (t, v) in self.fault_time.items()],
+                "requests": self.requests, "local_latencies": self.local_latencies,
+                "fault_time": [[p, t, v] for p, (t, v) in self.fault_time.items()],
                 "blocked": list(self._blocked.items()), "all_down_since": self._all_down_since}
 
     def merge(self, d: dict[str, Any]) -> None:
