@@ -443,7 +443,7 @@ class Incoming:
     def _postcopy_run(self) -> None:
         """mig/dst/run: the device state of the package, then the guest starts (POSTCOPY_RUN)."""
         try:
-            self._load_devices(start=False)
+            self._load_devices()
         except Exception as e:
             self.run_error = f"loading the device state failed: {e}"
             if self.chan is not None:
@@ -495,7 +495,8 @@ class Incoming:
                                       urgent=urgent, received_fd=self.received_fd)
         self.pc.advise()
 
-    def _load_devices(self, start: bool = True) -> None:
+    def _load_devices(self) -> None:
+        """Load every device's state (the caller starts the vCPUs)."""
         m = self.machine
         for dev in m.devices():
             values = self.device_states.get((dev.idstr, dev.instance_id))
@@ -503,8 +504,6 @@ class Incoming:
                 raise ProtocolError(f"migration stream has no state for device '{dev.idstr}' {dev.instance_id}")
         for dev in m.devices():
             dev.load(self.device_states[(dev.idstr, dev.instance_id)])
-        if start and self.on_started:
-            self.on_started()
 
     def _preempt_loop(self) -> None:
         """mig/dst/preempt: the second connection carries requested pages only, as bare page
@@ -569,15 +568,15 @@ class Incoming:
                     raise ProtocolError(self.preempt_error)
             self.pc.finish()
             self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+            self._send_shut_ok()
         else:
             if self.pc is not None:
                 self.pc.close_urgent()  # postcopy was possible but did not come
             self._load_devices()
             self.state.set(S.ACTIVE, S.COMPLETED)
-        try:
-            self._send_rp(RPW.shut(0))  # first: the source counts downtime until it sees this
-        except (OSError, TransportError):
-            pass
+            self._send_shut_ok()  # before the vCPU starts, whose thread competes for the GIL and a core
+            if self.on_started:
+                self.on_started()
         if self.pc is not None:
             self.pc.release()
         if (alias := self.machine.take_ram_alias()) is not None:
@@ -585,6 +584,13 @@ class Incoming:
         if not self.running_guest:
             self.emit("RESUME", None)
         self._close()
+
+    def _send_shut_ok(self) -> None:
+        """SHUT(0): the source counts its downtime until it sees this."""
+        try:
+            self._send_rp(RPW.shut(0))
+        except (OSError, TransportError):
+            pass
 
     def _close(self) -> None:
         if self.chan is not None:

@@ -63,6 +63,10 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     "x-switchover-budget": (0, "int", 0, 86400000),
     # ... or once this many full precopy passes are done
     "x-postcopy-after-passes": (0, "int", 0, 1000000),
+    # livemig's own: once what is left fits the downtime limit, send it while the guest still
+    # runs and merge again, up to this many times while each merge finds at least a quarter less;
+    # the copy made with the guest stopped (the downtime) shrinks. 0: stop at the first fit (QEMU)
+    "x-shrink-passes": (8, "int", 0, 1000),
 }
 _ENUMS = {"zero-page-detection": ("none", "legacy", "multifd"), "multifd-compression": ("none",)}
 # QEMU's StrOrNull parameters: null means "" (unset)

@@ -43,6 +43,8 @@ ITERATE_MAX_S = 0.05  # one PART section at most (QEMU's MAX_WAIT)
 RATE_WINDOW_S = 0.1  # max-bandwidth is enforced per 100 ms window
 SCAN_WINDOW = 1 << 14  # pages examined per bitmap scan step
 SHUT_TIMEOUT_S = 120.0
+SHRINK_DONE_BYTES = 256 << 10  # a stop-time copy this small is not worth another pass (~0.1 ms)
+SHRINK_FACTOR = 0.75  # another pass only while each finds at least a quarter less left
 RAM_SECTION_ID = 0
 MAX_DISCARDS_PER_COMMAND = 12
 POSTCOPY_BATCH_PAGES = 128  # background push granule in postcopy (requests wait at most one)
@@ -82,6 +84,31 @@ class Writer:
     @property
     def position(self) -> int:
         return self.sent + len(self.buf)
+
+
+class ShrinkPasses:
+    """livemig's own, at the end of precopy: what is left fits the downtime limit; send it while
+    the guest still runs and merge again, or stop the guest now? Another pass is worth it while
+    each merge finds at least SHRINK_FACTOR less left than the one before (the guest dirties slower
+    than the link carries), up to `max_passes` passes and `limit_ms` (downtime-limit) spent on
+    them; below SHRINK_DONE_BYTES the copy made with the guest stopped is small already. QEMU
+    stops at the first fit (max_passes 0)."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.t0 = 0.0
+        self.left: int | None = None  # what the last merge found
+
+    def another(self, left: int, now: float, max_passes: int, limit_ms: int) -> bool:
+        if self.passes == 0:
+            self.t0 = now
+        worth = (left > SHRINK_DONE_BYTES and self.passes < max_passes
+                 and (self.left is None or left <= self.left * SHRINK_FACTOR)
+                 and (now - self.t0) * 1000 < limit_ms)
+        if worth:
+            self.passes += 1
+            self.left = left
+        return worth
 
 
 class RamSender:
@@ -345,11 +372,15 @@ class Outgoing:
         self.rp_io = False  # rp_error is a broken connection, not bad input
         self.shut = threading.Event()
         self.shut_value: int | None = None
+        self.shut_at = 0.0  # when SHUT arrived (monotonic)
         self.pongs: list[int] = []
+        self.pong_cv = threading.Condition()  # notified at each PONG
         self.start_time = 0.0
         self.setup_time = 0
         self.end_time = 0.0
         self.downtime_ms: int | None = None
+        self.shrinking = False  # sending what fits the downtime limit while the guest still runs
+        self.shrink = ShrinkPasses()
         self.expected_downtime = options.param("downtime-limit")
         self.bandwidth = 0.0  # bytes/s, last measured window
         self.was_running = False
@@ -516,10 +547,19 @@ class Outgoing:
             # switch over only once the first full pass is done (the bulk copy costs no downtime
             # while the guest runs) and what is left fits the downtime limit
             pending = self.sender.ndirty * TPS
-            if pending == 0 or (self.stats.dirty_sync_count >= 2 and pending <= self._threshold()):
+            if pending == 0 or (not self.shrinking and self.stats.dirty_sync_count >= 2
+                                and pending <= self._threshold()):
+                if self.shrinking:
+                    self._drain()  # the next merge then counts what the guest dirtied until it all landed
                 self._sync()
-                if self.sender.ndirty * TPS <= self._threshold():
+                left = self.sender.ndirty * TPS
+                if left <= self._threshold():
+                    self.shrinking = self.shrink.another(left, time.monotonic(), self.opts.param("x-shrink-passes"),
+                                                         self.opts.param("downtime-limit"))
+                    if self.shrinking:
+                        continue
                     break
+                self.shrinking = False
                 if pending == 0 and (reason := self._policy()):
                     self.switch_reason = reason  # a pass ended and precopy is not worth going on
                     self.postcopy_requested = True
@@ -578,7 +618,7 @@ class Outgoing:
         """livemig's switchover policy (postcopy-ram on): why to switch to postcopy now, or None."""
         if not self.opts.cap("postcopy-ram"):
             return None
-        done = self.stats.dirty_sync_count - 1  # full passes
+        done = self.stats.dirty_sync_count - 1 - self.shrink.passes  # full passes
         after = self.opts.param("x-postcopy-after-passes")
         if after and done >= after:
             return f"{done} precopy pass(es) done (x-postcopy-after-passes {after})"
@@ -677,7 +717,7 @@ class Outgoing:
         if self.opts.cap("postcopy-preempt"):
             self._open_preempt()  # before the guest stops, as QEMU: a failure here costs nothing
         self.wakeup.clear()
-        self._drain_send_queue()
+        self._drain()
         with self.switch_lock, self._urgent():
             self._switch_to_postcopy(w, sender, m)
         while True:
@@ -1059,22 +1099,46 @@ class Outgoing:
 
     @contextlib.contextmanager
     def _urgent(self):
-        """The guest is stopped: run this thread ahead of ordinary threads (SCHED_FIFO, if allowed)
-        so the downtime is not spent waiting for a core that the destination's threads hold."""
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            boosted = True
-        except (OSError, AttributeError):
-            boosted = False
+        """The guest is stopped: run this thread and the return-path thread (which takes in the
+        destination's SHUT) ahead of ordinary threads (SCHED_FIFO, if allowed), so the downtime is
+        not spent waiting for a core that the destination's threads hold."""
+        rp = self.rp_thread.native_id if self.rp_thread is not None else None
+        tids = [0] + ([rp] if rp else [])
+        boosted = []
+        for tid in tids:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(1))
+                boosted.append(tid)
+            except (OSError, AttributeError):
+                break
         try:
             yield
         finally:
-            if boosted:
-                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            for tid in boosted:
+                try:
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+                except OSError:
+                    pass  # the return-path thread has ended
+
+    def _drain(self, max_wait: float = 0.25) -> None:
+        """While the guest still runs: wait until the destination has taken in what was sent so
+        far, so that this backlog is not part of the downtime (before the stop) or left out of the
+        next merge's count (shrink passes). With a return path a PING proves it (the destination
+        answers in stream order, after every byte before it; on loopback its receive queue alone
+        holds megabytes, which SIOCOUTQ does not see); without one, wait for the send queue to empty."""
+        if self.rp_thread is None or not self.pongs or self.rp_error:
+            self._drain_send_queue(max_wait=max_wait)
+            return
+        with self.pong_cv:
+            seen = self.pongs.count(WS.PING_DRAIN)
+        self.writer.write(WS.ping(WS.PING_DRAIN))
+        self.writer.flush()
+        with self.pong_cv:
+            self.pong_cv.wait_for(lambda: self.pongs.count(WS.PING_DRAIN) > seen or self.rp_error
+                                  or self.shut.is_set(), timeout=max_wait)
 
     def _drain_send_queue(self, low: int = 64 << 10, max_wait: float = 0.25) -> None:
-        """Before the guest stops: let the data already queued in the kernel (up to the 4 MiB send
-        buffer) leave while the guest still runs, so the downtime does not include it."""
+        """Wait until at most `low` bytes of the main channel are still in the kernel's send queue."""
         sock = self.chan.sock if self.chan is not None else None
         if sock is None:
             return
@@ -1125,7 +1189,7 @@ class Outgoing:
         """Stop the guest, send the rest and the device state, wait for the destination's SHUT."""
         w = self.writer
         marks = self.switchover_marks = {}
-        self._drain_send_queue()
+        self._drain()
         t_stop = self._stop_guest()
         precopy_bytes = self._sent()
         marks["pause"] = time.monotonic() - t_stop
@@ -1133,6 +1197,7 @@ class Outgoing:
         self._sync(final=True)
         marks["sync"] = time.monotonic() - t_stop
         marks["pages"] = self.sender.ndirty
+        marks["shrink-passes"] = self.shrink.passes
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID))
         while self.sender.ndirty:
             self.sender.send(self.sender.next_batch(), self.multifd)
@@ -1150,7 +1215,7 @@ class Outgoing:
         if self.chan.bidirectional:
             self._await_shut("loading the migration stream")
         with self.switch_lock:
-            self.end_time = time.monotonic()
+            self.end_time = self.shut_at or time.monotonic()  # the downtime ends when SHUT arrives
             marks["shut"] = self.end_time - t_stop
             self.downtime_ms = int((self.end_time - t_stop) * 1000)
             dt = self.end_time - self.start_time - self.setup_time / 1000
@@ -1242,10 +1307,13 @@ class Outgoing:
                     if isinstance(msg, RPW.ReqPages):
                         self._queue_request(msg)
                     elif isinstance(msg, RPW.Pong):
-                        self.pongs.append(msg.value)
+                        with self.pong_cv:
+                            self.pongs.append(msg.value)
+                            self.pong_cv.notify_all()
                         if msg.value == WS.PING_PACKAGED_LOADED:
                             self.package_loaded.set()
                     elif isinstance(msg, RPW.Shut):
+                        self.shut_at = time.monotonic()
                         self.shut_value = msg.value
                         self.shut.set()
                         return

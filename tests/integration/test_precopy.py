@@ -19,11 +19,24 @@ def test_idle_guest_tcp(vms):
     assert ram["duplicate"] > 20000  # untouched RAM goes as zero pages
     assert ram["normal"] >= 16 * 256
     assert ram["dirty-sync-count"] >= 2
+    sw = info["x-livemig-switchover"]  # where the downtime went; passes sent before the stop
+    assert 0 <= sw["shrink-passes"] <= 8 and ram["dirty-sync-count"] >= 2 + sw["shrink-passes"], info
+    assert sw["pages"] <= 16 * 256 + 16, info  # at most the working set (+ the code's own pages)
     assert_migrated(src, dst, 128 * MiB, 16)
     statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
     assert statuses[0] == "setup" and statuses[-1] == "completed" and "device" in statuses, statuses
     assert src.events("MIGRATION_PASS") or True  # consumed above by events(); order checked by statuses
     assert [e["data"]["status"] for e in dst.events("MIGRATION")][-1] == "completed"
+
+
+def test_shrink_passes_off_stops_at_the_first_fit(vms):
+    src = vms("src", memory="64M", ws_mib=8)
+    dst = vms("dst", memory="64M", incoming="defer")
+    src.wait_passes(2)
+    info = migrate(src, dst, params={"x-shrink-passes": 0})
+    assert info["status"] == "completed", info
+    assert info["x-livemig-switchover"]["shrink-passes"] == 0, info
+    assert_migrated(src, dst, 64 * MiB, 8)
 
 
 def test_prefilled_guest_unix(vms, tmp_path):
