@@ -163,7 +163,8 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
                   postcopy: bool = False, preempt: bool = False, multifd: int = 0,
                   policy: dict | None = None, report: str | None = None, via: str | None = None,
                   postcopy_now: bool = False, tls_creds: str | None = None, tls_hostname: str | None = None,
-                  preempt_requests: bool | None = None, urgent_process: bool = False) -> dict:
+                  preempt_requests: bool | None = None, urgent_process: bool = False,
+                  params: dict | None = None) -> dict:
     """Drive one migration like `virsh migrate` does; returns the final query-migrate of both sides.
 
     `postcopy` without a `policy` switches after the first full pass, as QEMU's tests do; a
@@ -176,7 +177,7 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     destination's certificate must carry (default: the host of the tcp: URI). `preempt_requests`
     (postcopy-preempt): page requests on the preempt connection (x-preempt-requests); by default
     on when both sides are livemig; `urgent_process` then serves them in a process of its own on
-    each side (x-urgent-process)."""
+    each side (x-urgent-process). `params`: more of the source's migration parameters."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -198,14 +199,14 @@ def run_migration(src_addr: str, dst_addr: str, uri: str | None, max_bandwidth: 
     caps = [{"capability": k, "state": v} for k, v in wanted.items()]
     src.cmd("migrate-set-capabilities", capabilities=caps)
     dst.cmd("migrate-set-capabilities", capabilities=caps + [{"capability": "postcopy-blocktime", "state": postcopy}])
-    params = {}
+    src_params = dict(params or {})
     if max_bandwidth is not None:
-        params["max-bandwidth"] = max_bandwidth
+        src_params["max-bandwidth"] = max_bandwidth
     if downtime_limit is not None:
-        params["downtime-limit"] = downtime_limit
-    params.update(policy or {})
-    if params:
-        src.cmd("migrate-set-parameters", **params)
+        src_params["downtime-limit"] = downtime_limit
+    src_params.update(policy or {})
+    if src_params:
+        src.cmd("migrate-set-parameters", **src_params)
     if postcopy and preempt:  # page requests on the preempt connection: livemig on both sides only
         if preempt_requests is None:
             preempt_requests = all("livemig" in side.cmd("query-version").get("package", "") for side in (src, dst))

@@ -89,20 +89,26 @@ class Writer:
 class ShrinkPasses:
     """livemig's own, at the end of precopy: what is left fits the downtime limit; send it while
     the guest still runs and merge again, or stop the guest now? Another pass is worth it while
-    each merge finds at least SHRINK_FACTOR less left than the one before (the guest dirties slower
-    than the link carries), up to `max_passes` passes and `limit_ms` (downtime-limit) spent on
-    them; below SHRINK_DONE_BYTES the copy made with the guest stopped is small already. QEMU
-    stops at the first fit (max_passes 0)."""
+    the guest dirties slower than the link carries: it could take at most SHRINK_FACTOR of the
+    time of the pass before it (which let the guest dirty what is left), and each merge finds at
+    least SHRINK_FACTOR less than the one before. At most `max_passes` passes and `limit_ms`
+    (downtime-limit) spent on them; below SHRINK_DONE_BYTES the copy made with the guest stopped
+    is small already. QEMU stops at the first fit (max_passes 0)."""
 
     def __init__(self) -> None:
         self.passes = 0
         self.t0 = 0.0
         self.left: int | None = None  # what the last merge found
 
-    def another(self, left: int, now: float, max_passes: int, limit_ms: int) -> bool:
+    def another(self, left: int, now: float, max_passes: int, limit_ms: int,
+                pass_s: float, last_pass_s: float) -> bool:
+        """`pass_s`: the least time sending `left` can take (at max-bandwidth: the pass before,
+        mostly zero pages, says little of the link); `last_pass_s`: the time between the last two
+        merges."""
         if self.passes == 0:
             self.t0 = now
         worth = (left > SHRINK_DONE_BYTES and self.passes < max_passes
+                 and pass_s <= last_pass_s * SHRINK_FACTOR
                  and (self.left is None or left <= self.left * SHRINK_FACTOR)
                  and (now - self.t0) * 1000 < limit_ms)
         if worth:
@@ -554,8 +560,9 @@ class Outgoing:
                 self._sync()
                 left = self.sender.ndirty * TPS
                 if left <= self._threshold():
-                    self.shrinking = self.shrink.another(left, time.monotonic(), self.opts.param("x-shrink-passes"),
-                                                         self.opts.param("downtime-limit"))
+                    self.shrinking = self.shrink.another(
+                        left, time.monotonic(), self.opts.param("x-shrink-passes"), self.opts.param("downtime-limit"),
+                        left / (self.opts.param("max-bandwidth") or math.inf), self.last_pass[0])
                     if self.shrinking:
                         continue
                     break
