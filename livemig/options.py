@@ -64,8 +64,9 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     # ... or once this many full precopy passes are done
     "x-postcopy-after-passes": (0, "int", 0, 1000000),
     # livemig's own: once what is left fits the downtime limit, send it while the guest still
-    # runs and merge again, up to this many times while each merge finds at least a quarter less;
-    # the copy made with the guest stopped (the downtime) shrinks. 0: stop at the first fit (QEMU)
+    # runs and merge again, up to this many times while each merge finds at least a quarter less
+    # (and max-bandwidth lets a pass be shorter than the one before); the copy made with the guest
+    # stopped (the downtime) shrinks. 0: stop at the first fit (QEMU). See outgoing.ShrinkPasses
     "x-shrink-passes": (8, "int", 0, 1000),
 }
 _ENUMS = {"zero-page-detection": ("none", "legacy", "multifd"), "multifd-compression": ("none",)}

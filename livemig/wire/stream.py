@@ -57,7 +57,7 @@ CMD_LEN: dict[Cmd, int | None] = {
 }
 
 PING_PACKAGED_LOADED = 0x42
-PING_DRAIN = 5  # livemig's, before the guest stops (QEMU's own are 1-4 and 0x42)
+PING_DRAIN = 5  # livemig's: has everything sent landed? (QEMU's own are 1-4 and 0x42)
 MAX_PACKAGED_SIZE = 0xFFFFFFFF
 MACHINE_TYPE = "pc-i440fx-livemig"
 
