@@ -39,6 +39,7 @@ from .wire import stream as WS
 from .wire.vmstate import describe, encode
 
 BATCH_PAGES = 256  # pages per scatter batch (~1 MiB on the wire)
+ZERO_SCAN_PAGES = 1024  # pages per batch after a batch of zero pages only
 ITERATE_MAX_S = 0.05  # one PART section at most (QEMU's MAX_WAIT)
 RATE_WINDOW_S = 0.1  # max-bandwidth is enforced per 100 ms window
 SCAN_WINDOW = 1 << 14  # pages examined per bitmap scan step
@@ -243,9 +244,10 @@ class RamSender:
             self.ndirty -= 1
             return True
 
-    def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> None:
-        """Send pages on the main channel (data pages on the multifd channels, if given)."""
-        self.main.send(idx, multifd)
+    def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> int:
+        """Send pages on the main channel (data pages on the multifd channels, if given); returns
+        how many were not zero pages."""
+        return self.main.send(idx, multifd)
 
     def send_requested(self, chan: PageChannel, first: int, count: int, resend: bool) -> None:
         """Send a requested host page on `chan` at once (the background scan then continues after
@@ -302,9 +304,10 @@ class PageChannel:
             self.stats.duplicate += 1
         self.named = True
 
-    def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> None:
+    def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> int:
         """Send the pages `idx` (ascending): zero pages as ZERO records, the rest as PAGE records
-        (or, with `multifd`, as multifd packets; ZERO records stay on this channel)."""
+        (or, with `multifd`, as multifd packets; ZERO records stay on this channel). Returns how many
+        were not zero pages."""
         n = idx.size
         first = int(idx[0])
         contiguous = int(idx[-1]) - first + 1 == n
@@ -318,12 +321,13 @@ class PageChannel:
             self._zeros(zero_idx)
             if multifd is not None:
                 multifd.unsynced = True  # a later copy on a multifd channel must not overtake it
-        if not page_idx.size:
-            return
+        data = page_idx.size
+        if not data:
+            return 0
         if multifd is not None:
             multifd.send_pages(page_idx)
-            self.stats.normal += page_idx.size
-            return
+            self.stats.normal += data
+            return data
         if not self.named:
             self.w.write(WR.page_header(int(page_idx[0]) * TPS, WR.FLAG_PAGE, self.block.name)
                          + self.block.u8[int(page_idx[0])].tobytes())
@@ -332,16 +336,20 @@ class PageChannel:
             page_idx = page_idx[1:]
             first += 1
             if not page_idx.size:
-                return
-        m = page_idx.size
-        st = self.staging[:m]
-        st[:, :8] = WR.page_headers(page_idx.astype(np.uint64) * TPS).view(np.uint8).reshape(m, 8)
-        if contiguous:
-            st[:, 8:] = self.block.u8[first:first + m]
-        else:
-            np.take(self.block.u8, page_idx, axis=0, out=st[:, 8:], mode="clip")
-        self.w.write_big(memoryview(st).cast("B"))
-        self.stats.normal += m
+                return data
+        rows = self.staging.shape[0]
+        for lo in range(0, page_idx.size, rows):  # one staging buffer (~1 MiB) at a time
+            part = page_idx[lo:lo + rows]
+            m = part.size
+            st = self.staging[:m]
+            st[:, :8] = WR.page_headers(part.astype(np.uint64) * TPS).view(np.uint8).reshape(m, 8)
+            if contiguous:
+                st[:, 8:] = self.block.u8[first + lo:first + lo + m]
+            else:
+                np.take(self.block.u8, part, axis=0, out=st[:, 8:], mode="clip")
+            self.w.write_big(memoryview(st).cast("B"))
+            self.stats.normal += m
+        return data
 
     def _zeros(self, idx: np.ndarray) -> None:
         if not self.named:
@@ -672,11 +680,14 @@ class Outgoing:
         t0 = time.monotonic()
         limit = self.opts.param("max-bandwidth") * RATE_WINDOW_S or float("inf")  # 0: unlimited
         throttled = False
+        n = BATCH_PAGES
         while sender.ndirty:
-            idx = sender.next_batch()
+            idx = sender.next_batch(n)
             if not idx.size:
                 break
-            sender.send(idx, self.multifd)
+            # untouched RAM goes as ZERO records: scan it in bigger batches (less Python per GiB);
+            # data pages keep ~1 MiB batches, the rate limit's and the request queue's granule
+            n = BATCH_PAGES if sender.send(idx, self.multifd) else ZERO_SCAN_PAGES
             if self._sent() - self._rate_bytes0 >= limit:
                 throttled = True
                 break
@@ -1206,8 +1217,9 @@ class Outgoing:
         marks["pages"] = self.sender.ndirty
         marks["shrink-passes"] = self.shrink.passes
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID))
+        n = BATCH_PAGES
         while self.sender.ndirty:
-            self.sender.send(self.sender.next_batch(), self.multifd)
+            n = BATCH_PAGES if self.sender.send(self.sender.next_batch(n), self.multifd) else ZERO_SCAN_PAGES
         w.write(self._multifd_sync() + WR.eos() + WS.section_footer(RAM_SECTION_ID))
         marks["ram"] = time.monotonic() - t_stop
         w.write(self._device_sections())

@@ -31,3 +31,43 @@ def test_take_one_agrees_with_take():
         assert a.take_one(page) == bool(b.take(page, 1).size)
         assert (a.dirty == b.dirty).all() and a.ndirty == b.ndirty and a.scan == b.scan
     assert np.flatnonzero(a.dirty).tolist() == [4]
+
+
+class _Collect:
+    """A Writer's channel that keeps what is sent (sendall / sendmsg_all)."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def sendall(self, data) -> None:
+        self.data += bytes(data)
+
+    def sendmsg_all(self, bufs: list) -> int:
+        n = 0
+        for b in bufs:
+            self.data += bytes(b)
+            n += memoryview(b).nbytes
+        return n
+
+
+def test_a_batch_bigger_than_the_staging_buffer_goes_in_staging_sized_sends():
+    from livemig.outgoing import BATCH_PAGES, Writer
+    from livemig.wire import ram as WR
+    npages = BATCH_PAGES * 4 + 8
+    mem = mmap.mmap(-1, npages * 4096)
+    pages = np.frombuffer(mem, np.uint8).reshape(npages, 4096)
+    pages[:, 0] = np.arange(npages) % 251 + 1  # every page holds data
+    pages[5] = 0  # one zero page among them
+    chan = _Collect()
+    s = RamSender(RamBlock("pc.ram", mem), Writer(chan), RamStats())
+    assert s.send(np.arange(npages)) == npages - 1  # data pages
+    s.w.flush()
+    assert s.stats.normal == npages - 1 and s.stats.duplicate == 1
+    # after the named first record, each data page is one CONTINUE|PAGE record, in page order
+    first = len(WR.page_header(0, WR.FLAG_PAGE, "pc.ram")) + 4096
+    zero = len(WR.page_header(5 * 4096, WR.FLAG_ZERO, None)) + 1
+    body = bytes(chan.data)
+    assert len(body) == zero + first + (npages - 2) * WR.PAGE_RECORD
+    records = np.frombuffer(body[zero + first:], np.uint8).reshape(npages - 2, WR.PAGE_RECORD)
+    sent = [p for p in range(npages) if p not in (0, 5)]
+    assert (records[:, 8:] == pages[sent]).all()
