@@ -178,6 +178,7 @@ class Incoming:
     # -- the loader thread
     def _run(self) -> None:
         try:
+            self.decoder = self._new_decoder()  # while the source has not connected yet
             self._accept()
             if self.opts.cap("postcopy-preempt"):
                 # accepted at once, as QEMU does: the source opens it before the switch, and a TLS
@@ -185,7 +186,9 @@ class Incoming:
                 self.preempt_thread = threading.Thread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
                 self.preempt_thread.start()
             if self.prefaulter is not None:
-                self.prefaulter.stop()  # from here on the loader allocates what it receives
+                # from here on the loader allocates what it receives; only a postcopy destination,
+                # whose ADVISE drops guest RAM, waits for the prefaulter's chunk in progress
+                self.prefaulter.stop(wait=self.opts.cap("postcopy-ram"))
             self.state.set(S.SETUP, S.ACTIVE)
             self._load()
             self._finish()
@@ -275,12 +278,15 @@ class Incoming:
         with self.preempt_send_lock:
             chan.sendall(data)
 
+    def _new_decoder(self) -> D.StreamDecoder:
+        """The stream's parser (capabilities are fixed once migrate-incoming ran)."""
+        devices = {(d.idstr, d.instance_id): d.vmsd for d in self.machine.devices()}
+        return D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size, self.block.page_size)], devices,
+                               postcopy=self.opts.cap("postcopy-ram"))
+
     def _load(self) -> None:
-        m = self.machine
-        devices = {(d.idstr, d.instance_id): d.vmsd for d in m.devices()}
-        dec = D.StreamDecoder([D.LocalBlock(self.block.name, self.block.size, self.block.page_size)], devices,
-                              postcopy=self.opts.cap("postcopy-ram"))
-        self.decoder = dec
+        dec = self.decoder
+        assert dec is not None
         chan = self.chan
         assert chan is not None
         eof = False

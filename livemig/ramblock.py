@@ -103,11 +103,13 @@ class Prefaulter:
         self.thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop, and wait for the chunk in progress: a postcopy destination's ADVISE drops guest
-        RAM's pages, and one populated after that would never fault (the guest would read zeros)."""
+    def stop(self, wait: bool = True) -> None:
+        """Stop; with `wait`, also wait for the chunk in progress: a postcopy destination's ADVISE
+        drops guest RAM's pages, and one populated after that would never fault (the guest would
+        read zeros). Without ADVISE the chunk may finish alongside the loader (populating a page
+        that holds data leaves it as it is)."""
         self._stop.set()
-        if self.thread.is_alive() and self.thread is not threading.current_thread():
+        if wait and self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join()
 
     def ready(self, addr: int) -> int:
