@@ -145,3 +145,32 @@ def test_fault_on_a_written_page_is_mapped_at_once():
     pc.finish()
     pc.release()
     os.close(fd)
+
+
+def test_minor_placement_maps_each_piece_before_claiming_the_next(dest):
+    """Minor mode: a long run is claimed, written and mapped CONTINUE_PIECE pages at a time, so a
+    fault on a page the placer has claimed waits for one piece; a page another placer holds is
+    left to it."""
+    pc, ram, rec = dest
+    if not pc.minor:
+        pytest.skip("claims are for minor-fault placement")
+    from livemig.postcopy import CLAIMED, CONTINUE_PIECE
+    n = 3 * CONTINUE_PIECE
+    pc.claimed[n - 2] = CLAIMED  # another placer is writing this one
+    seen = []
+    cont = pc.uffd.cont
+
+    def spy(dst, length, buf=None):
+        first = (dst - pc.addr) // 4096
+        seen.append((first, length // 4096, int(np.count_nonzero(pc.claimed[:n]))))
+        return cont(dst, length, buf)
+
+    pc.uffd.cont = spy
+    pc.place_pages(np.arange(n), np.arange(n, dtype=np.uint8).repeat(4096).reshape(n, 4096))
+    assert [(f, k) for f, k, _ in seen] == [(0, CONTINUE_PIECE), (CONTINUE_PIECE, CONTINUE_PIECE),
+                                            (2 * CONTINUE_PIECE, CONTINUE_PIECE - 2), (n - 1, 1)]
+    assert seen[0][2] == CONTINUE_PIECE + 1  # at the first map only the first piece was claimed
+    assert rec[:n - 2].all() and rec[n - 1] and not rec[n - 2]
+    for p in range(n):
+        if p != n - 2:
+            assert (ram[p] == p).all()
