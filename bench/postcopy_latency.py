@@ -1,13 +1,14 @@
 """Remote-fault latency of livemig postcopy, with and without postcopy-preempt, on a guest that
-dirties all its RAM, switched to postcopy after the first pass.
+dirties all its RAM, switched to postcopy after the first pass (or at once, `--switch now`).
 
     python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt,preempt-rp] [--backends auto,ram]
-                                      [--urgent on,off] [--guest harness|demo]
+                                      [--urgent on,off] [--guest harness|demo] [--switch first-pass|now]
 
 Guests: `harness`, the shared harness's boot sector (it mostly keeps behind the background push,
 so it faults 0 to a few hundred times a run); `demo`, livemig's demo workload, which outruns the
-push and faults steadily (hundreds to thousands of times a run); its memory invariant is checked
-on the destination after each run.
+push when switched at once and faults steadily (hundreds to thousands of times a run; after the
+first pass the destination now takes the rest in before the guest catches up, and it faults a few
+times); its memory invariant is checked on the destination after each run.
 
 Modes: `main` one connection; `preempt` postcopy-preempt with page requests on the preempt
 connection (x-preempt-requests, the default between two livemigs); `preempt-rp` postcopy-preempt
@@ -28,7 +29,6 @@ from pathlib import Path
 
 from livemig.cli import parse_size, run_migration, start_vms, stop_vms, verify_migrated, wait_workload
 from livemig.guest.image import make_image
-from livemig.qmpclient import QMPClient
 
 GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "dirty.bin"
 
@@ -37,7 +37,7 @@ MODES = {"main": (False, False), "preempt": (True, True), "preempt-rp": (True, F
 
 
 def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent: bool = True,
-        guest: str = "harness") -> dict:
+        guest: str = "harness", now: bool = False) -> dict:
     preempt, preempt_requests = MODES[mode]
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
     if guest == "demo":
@@ -51,15 +51,10 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
             wait_workload(tmp, procs[0], 1)
         while not (tmp / "src.log").exists() or (tmp / "src.log").stat().st_size < 2:
             time.sleep(0.05)
-        for side in ("src", "dst"):
-            c = QMPClient(f"unix:{tmp}/{side}.qmp")
-            c.cmd("migrate-set-parameters", **{"x-urgent-process": urgent})
-            if side == "src" and preempt and resend:
-                c.cmd("migrate-set-parameters", **{"x-preempt-resend": True})
-            c.close()
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
-                          quiet=True, postcopy=True, preempt=preempt,
-                          preempt_requests=preempt_requests)
+                          quiet=True, postcopy=True, preempt=preempt, preempt_requests=preempt_requests,
+                          urgent_process=urgent, postcopy_now=now,
+                          params={"x-preempt-resend": True} if preempt and resend else None)
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         status = s["status"]
@@ -85,6 +80,8 @@ def main() -> None:
     ap.add_argument("--modes", default="main,preempt", help=f"which of {','.join(MODES)} to run (comma-separated)")
     ap.add_argument("--urgent", default="off", help="urgent processes (x-urgent-process): off, on or on,off (alternated)")
     ap.add_argument("--guest", default="harness", choices=("harness", "demo"))
+    ap.add_argument("--switch", default="first-pass", choices=("first-pass", "now"),
+                    help="switch to postcopy after the first pass, or right after `migrate`")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
@@ -94,10 +91,10 @@ def main() -> None:
     for _ in range(a.reps):
         for run in runs:
             mode, backend, urgent = run.split("/")
-            r = one(a.mem, mode, not a.no_resend, backend, urgent == "on", a.guest)
+            r = one(a.mem, mode, not a.no_resend, backend, urgent == "on", a.guest, a.switch == "now")
             results[run].append(r)
             print(f"{run:15s}", r, flush=True)
-    print(f"\nmedians over {a.reps} runs, {a.mem} {a.guest} guest dirtying all RAM:")
+    print(f"\nmedians over {a.reps} runs, {a.mem} {a.guest} guest dirtying all RAM, switched {a.switch}:")
     for mode, rs in results.items():
         ok = [r for r in rs if r["status"] == "completed" and r["p50"] is not None]
         med = {k: statistics.median([r[k] for r in ok]) for k in ("downtime", "switch_to_complete_s", "requests",
