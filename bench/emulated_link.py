@@ -3,13 +3,15 @@ veth pair, bandwidth shaped with tbf on both ends, round-trip delay added by a r
 (bench/delay_relay.py; this kernel has no netem). Everything is created and removed here; only
 the two namespaces see the traffic. Needs root and iproute2.
 
-    python3 bench/emulated_link.py [--links 10gbit:0.1,1gbit:0.5] [--mem 512M] [--reps 3] [--modes ...]
+    python3 bench/emulated_link.py [--links 10gbit:0.1,1gbit:0.5] [--mem 512M] [--reps 3] [--modes ...] [--switch now]
 
 Per link: precopy of a prefilled guest (16 MiB working set, which converges on 1 Gbit/s), and
 postcopy (one channel, with postcopy-preempt, and with postcopy-preempt but page requests on the
 main connection's return path as QEMU sends them: `postcopy+preempt-rp`, or served by the urgent
 processes, x-urgent-process: `postcopy+preempt+urgent`) of a guest dirtying all
-RAM, switched after the first pass; each run ends with the integrity check; prints medians of total
+RAM, switched after the first pass (or right after `migrate`, `--switch now`: after the first pass
+the destination now takes the rest in before the guest catches up, and it faults a few times;
+switched at once it faults on most pages, while the push runs); each run ends with the integrity check; prints medians of total
 time, downtime, throughput and, for postcopy, remote-fault latency p50/p99 (fault -> placement,
 livemig's `x-livemig-postcopy`: faults that sent a page request) against the link's RTT, both the
 added one and the one measured through the relay before the runs (a 32-byte ping-pong: the relay,
@@ -124,7 +126,7 @@ MODES = ("precopy", "postcopy", "postcopy+preempt", "postcopy+preempt-rp", "post
 
 
 def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = False,
-        preempt_requests: bool | None = None, urgent: bool = False) -> dict:
+        preempt_requests: bool | None = None, urgent: bool = False, now: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-link-"))
     ws = 0 if postcopy else 16
     procs = start_vms(tmp, make_image(ws, True), mem,
@@ -141,7 +143,8 @@ def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = F
         wait_workload(tmp, procs[0], 1)
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", f"tcp:{DST_IP}:{MIG_PORT}",
                           100_000_000_000, None, quiet=True, timeout=300, postcopy=postcopy, preempt=preempt,
-                          via=via, preempt_requests=preempt_requests, urgent_process=urgent)
+                          via=via, preempt_requests=preempt_requests, urgent_process=urgent,
+                          postcopy_now=now and postcopy)
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         busy = max(s.get("total-time", 0) - s.get("setup-time", 0), 1)
@@ -167,6 +170,8 @@ def main() -> int:
     ap.add_argument("--mem", default="512M")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", default="precopy,postcopy,postcopy+preempt", help=f"some of {','.join(MODES)}")
+    ap.add_argument("--switch", default="first-pass", choices=("first-pass", "now"),
+                    help="postcopy modes: switch after the first pass, or right after `migrate`")
     args = ap.parse_args()
     modes = args.modes.split(",")
     if any(m not in MODES for m in modes):
@@ -184,7 +189,8 @@ def main() -> int:
             print(f"{rate} rtt+{rtt} ms: measured round trip through the relay {rtt_us:.0f} us", flush=True)
             for mode in modes:
                 runs = [one(link, float(rtt), args.mem, mode != "precopy", "preempt" in mode,
-                            False if mode.endswith("-rp") else None, mode.endswith("+urgent"))
+                            False if mode.endswith("-rp") else None, mode.endswith("+urgent"),
+                            args.switch == "now")
                         for _ in range(args.reps)]
                 for r in runs:
                     print(f"{rate} rtt+{rtt} ms {mode}: {r}", flush=True)
@@ -196,7 +202,8 @@ def main() -> int:
                              med("p50_all_us")))
         finally:
             link.close()
-    print(f"\n## livemig on emulated links ({args.mem} guest, {args.reps} runs each, medians)\n")
+    print(f"\n## livemig on emulated links ({args.mem} guest, {args.reps} runs each, medians; "
+          f"postcopy switched {args.switch})\n")
     print("| link | added RTT | measured RTT us | mode | completed | total ms | downtime ms | MB/s | switch->complete s "
           "| remote-fault p50 us | p99 us | p50 / added RTT | p50 / measured RTT | p50 of every fault us (/ measured RTT) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
