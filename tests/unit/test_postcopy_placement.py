@@ -147,13 +147,12 @@ def test_fault_on_a_written_page_is_mapped_at_once():
     os.close(fd)
 
 
+@pytest.mark.parametrize("dest", ["UFFDIO_CONTINUE"], indirect=True)
 def test_minor_placement_maps_each_piece_before_claiming_the_next(dest):
     """Minor mode: a long run is claimed, written and mapped CONTINUE_PIECE pages at a time, so a
     fault on a page the placer has claimed waits for one piece; a page another placer holds is
     left to it."""
     pc, ram, rec = dest
-    if not pc.minor:
-        pytest.skip("claims are for minor-fault placement")
     from livemig.postcopy import CLAIMED, CONTINUE_PIECE
     n = 3 * CONTINUE_PIECE
     pc.claimed[n - 2] = CLAIMED  # another placer is writing this one
