@@ -561,7 +561,8 @@ class Placer:
         pc = self.pc
         claimed = pc.claimed
         base, total = int(idx[0]), idx.size
-        in_order = int(idx[-1]) - base + 1 == total  # consecutive pages: slices, no gathers
+        # consecutive pages: slices, no gathers (an event is any run of page records, in any order)
+        in_order = total == 1 or bool((np.diff(idx) == 1).all())
         if in_order:
             pc.populate_alias(base, total)  # one call, not a page fault a page
         for s in range(0, total, CONTINUE_PIECE):
