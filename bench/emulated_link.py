@@ -126,7 +126,8 @@ MODES = ("precopy", "postcopy", "postcopy+preempt", "postcopy+preempt-rp", "post
 
 
 def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = False,
-        preempt_requests: bool | None = None, urgent: bool = False, now: bool = False) -> dict:
+        preempt_requests: bool | None = None, urgent: bool = False, now: bool = False,
+        resend: bool = True) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="livemig-link-"))
     ws = 0 if postcopy else 16
     procs = start_vms(tmp, make_image(ws, True), mem,
@@ -144,7 +145,7 @@ def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = F
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", f"tcp:{DST_IP}:{MIG_PORT}",
                           100_000_000_000, None, quiet=True, timeout=300, postcopy=postcopy, preempt=preempt,
                           via=via, preempt_requests=preempt_requests, urgent_process=urgent,
-                          postcopy_now=now and postcopy)
+                          postcopy_now=now and postcopy, params=None if resend else {"x-preempt-resend": False})
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         busy = max(s.get("total-time", 0) - s.get("setup-time", 0), 1)
@@ -172,6 +173,8 @@ def main() -> int:
     ap.add_argument("--modes", default="precopy,postcopy,postcopy+preempt", help=f"some of {','.join(MODES)}")
     ap.add_argument("--switch", default="first-pass", choices=("first-pass", "now"),
                     help="postcopy modes: switch after the first pass, or right after `migrate`")
+    ap.add_argument("--no-resend", action="store_true",
+                    help="x-preempt-resend off: a requested page the push has queued is not sent again (QEMU's rule)")
     args = ap.parse_args()
     modes = args.modes.split(",")
     if any(m not in MODES for m in modes):
@@ -190,7 +193,7 @@ def main() -> int:
             for mode in modes:
                 runs = [one(link, float(rtt), args.mem, mode != "precopy", "preempt" in mode,
                             False if mode.endswith("-rp") else None, mode.endswith("+urgent"),
-                            args.switch == "now")
+                            args.switch == "now", not args.no_resend)
                         for _ in range(args.reps)]
                 for r in runs:
                     print(f"{rate} rtt+{rtt} ms {mode}: {r}", flush=True)

@@ -54,7 +54,7 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
                           quiet=True, postcopy=True, preempt=preempt, preempt_requests=preempt_requests,
                           urgent_process=urgent, postcopy_now=now,
-                          params={"x-preempt-resend": True} if preempt and resend else None)
+                          params=None if resend else {"x-preempt-resend": False})
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         status = s["status"]
@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mem", default="1G")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--no-resend", action="store_true", help="preempt without x-preempt-resend")
+    ap.add_argument("--no-resend", action="store_true", help="preempt with x-preempt-resend off (QEMU's rule: a queued requested page is not sent again)")
     ap.add_argument("--backends", default="auto", help="destination --memory-backend values to alternate (auto,ram)")
     ap.add_argument("--modes", default="main,preempt", help=f"which of {','.join(MODES)} to run (comma-separated)")
     ap.add_argument("--urgent", default="off", help="urgent processes (x-urgent-process): off, on or on,off (alternated)")

@@ -40,10 +40,11 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     "tls-hostname": ("", "str", None, None),
     "tls-authz": ("", "str", None, None),
     # livemig's own: with postcopy-preempt, also re-send on the preempt channel a requested page
-    # the background push already queued on the main channel (halves fault latency here). The
-    # destination then gets that page twice; livemig keeps the first copy, QEMU treats the second
-    # as an error, so it is off by default.
-    "x-preempt-resend": (False, "bool", None, None),
+    # the background push already queued on the main channel (so the fault does not wait behind
+    # the main channel's queue). The destination then gets that page twice: livemig keeps the
+    # first copy, QEMU treats the second as an error. So the source re-sends only to a destination
+    # that announced x-preempt-requests (a livemig); false: never (QEMU's rule)
+    "x-preempt-resend": (True, "bool", None, None),
     # livemig's own, destination side: with postcopy-preempt, send page requests on the preempt
     # connection instead of the main one, where they wait for the socket that the bulk stream
     # holds (fault latency about halves here). The destination announces it on the return path

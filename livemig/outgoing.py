@@ -980,7 +980,7 @@ class Outgoing:
         if self.urgent is not None:
             block, m = self.sender.block, self.machine
             try:
-                self.urgent.start(chan.fd, block.name, block.size, block.page_size, self.opts.param("x-preempt-resend"),
+                self.urgent.start(chan.fd, block.name, block.size, block.page_size, self._resend(),
                                   self.sender.share(), getattr(m, "ram_fd", None), m.ram_host_addr)
             except OSError as e:  # it died: threads answer
                 print(f"livemig: urgent process not used: {e}", file=sys.stderr, flush=True)
@@ -1088,8 +1088,14 @@ class Outgoing:
         with self.preempt_lock:
             if self.preempt is None:
                 return False
-            self.sender.send_requested(self.preempt, start // TPS, length // TPS, self.opts.param("x-preempt-resend"))
+            self.sender.send_requested(self.preempt, start // TPS, length // TPS, self._resend())
             return True
+
+    def _resend(self) -> bool:
+        """Re-send a requested page the background push has queued already (x-preempt-resend):
+        only to a destination that announced x-preempt-requests, a livemig, which keeps the first
+        copy of a page; a QEMU destination would fail on the second."""
+        return self.preempt_requests and bool(self.opts.param("x-preempt-resend"))
 
     def _shrink_send_buffer(self) -> None:
         """A requested page queues behind whatever background data is already buffered: keep

@@ -90,27 +90,31 @@ BAD_PREEMPT = {
 
 
 class FakePreemptDestination:
-    """Announces x-preempt-requests and answers PONG on the main connection, accepts the source's
-    postcopy-preempt connection and sends `reply` on it; drains both."""
+    """Announces x-preempt-requests (unless `announce` is false, as a QEMU destination) and answers
+    PONG on the main connection, accepts the source's postcopy-preempt connection and, a second
+    later, sends `reply` on it (or on the main connection: `on_main`); drains both, counting what
+    the preempt connection brings after the reply."""
 
-    def __init__(self, reply: bytes):
+    def __init__(self, reply: bytes, announce: bool = True, on_main: bool = False):
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
-        self.reply = reply
+        self.reply, self.announce, self.on_main = reply, announce, on_main
+        self.after_reply = 0  # bytes on the preempt connection after the reply went out
+        self.replied = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    @staticmethod
-    def _drain(conn):
+    def _drain(self, conn, count: bool = False):
         try:
-            while conn.recv(1 << 20):
-                pass
+            while data := conn.recv(1 << 20):
+                if count and self.replied.is_set():
+                    self.after_reply += len(data)
         except OSError:
             pass
 
     def _run(self):
         main, _ = self.srv.accept()
-        main.sendall(RP.preempt_requests() + RP.pong(1))
+        main.sendall((RP.preempt_requests() if self.announce else b"") + RP.pong(1))
         threading.Thread(target=self._drain, args=(main,), daemon=True).start()
         self.srv.settimeout(30)
         try:
@@ -119,9 +123,10 @@ class FakePreemptDestination:
             return
         finally:
             self.srv.close()
+        threading.Thread(target=self._drain, args=(preempt, True), daemon=True).start()
         time.sleep(1.0)  # the source is in postcopy by then
-        preempt.sendall(self.reply)
-        self._drain(preempt)
+        self.replied.set()
+        (main if self.on_main else preempt).sendall(self.reply)
 
 
 @pytest.mark.parametrize("urgent", [True, False], ids=["urgent-process", "threads"])
@@ -142,3 +147,29 @@ def test_malformed_request_on_preempt_channel(vms, case, urgent):
     time.sleep(0.3)
     src.cmd("migrate-start-postcopy")
     _assert_failed_and_source_runs(src, expect)
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["livemig-destination", "qemu-destination"])
+def test_requested_page_already_sent_goes_again_only_to_livemig(vms, announce):
+    """A requested page the background push has sent already: a destination that announced
+    x-preempt-requests (a livemig, which keeps the first copy) gets it again on the preempt
+    channel at once (x-preempt-resend, on by default); one that did not (QEMU, which would fail on
+    a second copy) gets nothing there: the page is on its way on the main channel."""
+    src = vms("src", memory="64M", ws_mib=4, prefill=True)
+    src.wait_passes(2)
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}
+                                                      for c in ("events", "postcopy-ram", "postcopy-preempt")])
+    # page 0 (below the working set, all zero) goes in the first MiB; 64 MiB take the push ~16 s
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4_000_000, "max-postcopy-bandwidth": 4_000_000})
+    fake = FakePreemptDestination(RP.req_pages(0, 4096, "pc.ram"), announce=announce, on_main=not announce)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
+    src.cmd("migrate-start-postcopy")
+    assert fake.replied.wait(30)
+    time.sleep(1.0)
+    info = src.cmd("query-migrate")
+    assert info["status"].startswith("postcopy"), info
+    assert info["ram"]["postcopy-requests"] == 1, info
+    if announce:
+        assert fake.after_reply > 0, fake.after_reply  # its page record (a zero page here), at once
+    else:
+        assert fake.after_reply == 0, fake.after_reply
