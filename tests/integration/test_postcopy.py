@@ -16,8 +16,11 @@ def _postcopy(src, dst, *, immediately: bool, params=None, dst_params=None):
                                                       for c in PC + ("postcopy-blocktime",)])
     if dst_params:
         dst.cmd("migrate-set-parameters", **dst_params)
-    # as QEMU's postcopy tests: a downtime limit precopy cannot meet, so only postcopy completes
-    src.cmd("migrate-set-parameters", **{"downtime-limit": 1, **(params or {})})
+    # as QEMU's postcopy tests: a downtime limit precopy cannot meet, so only postcopy completes.
+    # Switched at once, the push is capped so the guest outruns it and faults (the tests check its
+    # requests): unlimited, on a fast host it can place every page before the guest needs one
+    cap = {"max-postcopy-bandwidth": 100_000_000} if immediately else {}
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 1, **cap, **(params or {})})
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     addr = dst.cmd("query-migrate")["socket-address"][0]
     src.cmd("migrate", uri=f"tcp:{addr['host']}:{addr['port']}")
