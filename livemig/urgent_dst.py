@@ -18,6 +18,7 @@ import select
 import socket
 import struct
 import sys
+import traceback
 
 from .helperproc import HelperProcess, child_main, recv_msg
 
@@ -128,6 +129,8 @@ def _serve(ctl: socket.socket) -> dict:
                             preempt.sendall(b"".join(pending))
                             pending.clear()
     except Exception as e:  # the parent decides: a broken connection pauses postcopy, the rest fails
+        if not isinstance(e, OSError):
+            traceback.print_exc()  # a bug, not the link: where it happened goes to stderr
         return report("error", f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e))
 
 
