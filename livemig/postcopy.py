@@ -509,9 +509,20 @@ class Placer:
             self._place_one(int(idx[0]), data)
             return
         for s in range(0, idx.size, 256):
+            if self.pc.fault_time:
+                self._requested_first(idx[s:], data[s:])
             part = idx[s:s + 256]
             self.staging[:part.size] = data[s:s + part.size]
             self._place_runs(part, copy=True)
+
+    def _requested_first(self, idx: np.ndarray, data: np.ndarray) -> None:
+        """Pages a vCPU waits for among those still to place (`idx`, data row k for idx[k]) go in
+        first, one by one; placing the rest later skips them (4 KiB host pages)."""
+        hits = np.flatnonzero(self.pc.requested[idx])
+        if hits.size:
+            base, stride = data.ctypes.data, data.strides[0]
+            for k in hits.tolist():
+                self.place_one_at(int(idx[k]), base + k * stride)
 
     def _place_one(self, page: int, data: np.ndarray) -> None:
         self.place_one_at(page, data.ctypes.data)
@@ -566,6 +577,8 @@ class Placer:
         if in_order:
             pc.populate_alias(base, total)  # one call, not a page fault a page
         for s in range(0, total, CONTINUE_PIECE):
+            if pc.fault_time and data is not None:
+                self._requested_first(idx[s:], data[s:])
             n = min(CONTINUE_PIECE, total - s)
             rows = None if data is None else data[s:s + n]
             if in_order:

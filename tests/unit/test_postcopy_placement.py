@@ -201,3 +201,25 @@ def test_pages_out_of_order_in_one_event(dest):
     for p in idx:
         assert (ram[p] == p).all()
     assert rec[40:44].all()
+
+
+def test_a_requested_page_goes_in_before_the_pages_ahead_of_it(dest):
+    """A page a vCPU waits for, found anywhere in the pages still to place, is placed first;
+    the others follow in order, each with its own data, the requested one not placed twice."""
+    pc, ram, rec = dest
+    placed = []
+    for name in ("copy", "cont"):
+        real = getattr(pc.uffd, name)
+
+        def spy(dst, *args, real=real):
+            placed.append((dst - pc.addr) // 4096)
+            return real(dst, *args)
+        setattr(pc.uffd, name, spy)
+    pc.requested[50] = True
+    pc.fault_time[50] = (0.0, 0)
+    idx = np.arange(10, 60)
+    pc.place_pages(idx, idx.astype(np.uint8).repeat(4096).reshape(idx.size, 4096))
+    assert placed[0] == 50 and 50 not in placed[1:]
+    assert not pc.requested[50] and len(pc.latencies) == 1 and rec[10:60].all()
+    for p in idx:
+        assert (ram[p] == p).all()
