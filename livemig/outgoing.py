@@ -191,7 +191,8 @@ class RamSender:
     def _next_batch(self, maxn: int) -> np.ndarray:
         npages = self.block.npages
         scanned = 0
-        while self.ndirty and scanned <= npages:
+        # the scan wraps once: up to two windows more than the block when it starts mid-window
+        while self.ndirty and scanned < npages + 2 * SCAN_WINDOW:
             hits = np.flatnonzero(self.dirty[self.scan:self.scan + SCAN_WINDOW])
             if hits.size:
                 idx = hits[:maxn] + self.scan

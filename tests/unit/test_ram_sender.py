@@ -110,3 +110,14 @@ def test_page_requests_go_out_between_pieces_of_a_postcopy_batch():
     # the scan continues right after the requested page, then wraps to what the batch left
     assert s.next_batch(64).tolist() == [wanted + 1, wanted + 2]
     assert s.next_batch(64).tolist() == list(range(4 * SEND_PIECE_PAGES, wanted))
+
+
+def test_next_batch_wraps_to_dirty_pages_before_the_scan_position():
+    """A block smaller than one scan window, the scan past its only dirty page: the batch still
+    finds it (an empty batch with pages left failed small guests' stop-and-copy)."""
+    s = _sender()
+    s.dirty[:] = False
+    s.dirty[3] = True
+    s.ndirty = 1
+    s.scan = 10
+    assert s.next_batch().tolist() == [3] and s.ndirty == 0
