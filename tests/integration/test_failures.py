@@ -96,6 +96,7 @@ def test_cancel_before_migrate_and_twice_in_a_row(vms):
     end in one `cancelled`; after a cancel a fresh migration succeeds."""
     src, dst = None, None
     src = vms("src", memory="256M", ws_mib=8, prefill=True)
+    src.wait_passes(1)  # prefilled: 'prelaunch' until the guest has started
     src.cmd("migrate_cancel")
     assert src.cmd("query-migrate") == {} and src.cmd("query-status")["status"] == "running"
     dst = vms("dst", memory="256M", incoming="defer")
