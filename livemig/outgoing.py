@@ -1126,19 +1126,13 @@ class Outgoing:
 
     def _serve_between(self) -> None:
         """PageChannel.between on the main channel in postcopy (4 KiB host pages): the queued
-        page requests, each page straight from guest RAM (the staging buffer is in use)."""
+        one-page requests, straight from guest RAM (the staging buffer is in use); a longer range
+        waits for _serve_requests, after the batch."""
+        while self.requests and self.requests[0][1] == TPS:
+            start, _ = self.requests.popleft()
+            self.sender.send_requested(self.sender.main, start // TPS, 1, resend=False)
         if not self.requests:
-            return
-        main = self.sender.main
-        while self.requests:
-            start, length = self.requests.popleft()
-            if length > SEND_PIECE_PAGES * TPS:  # a long range: _serve_requests sends it, batched
-                self.requests.appendleft((start, length))
-                break
-            for page in range(start // TPS, (start + length) // TPS):
-                if self.sender.take_one(page):
-                    main.send_one(page)
-        self.wakeup.clear()
+            self.wakeup.clear()
 
     def _serve_requests(self) -> bool:
         """Send every queued requested page that is still dirty; True if any request was taken."""
