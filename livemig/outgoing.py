@@ -50,7 +50,6 @@ RAM_SECTION_ID = 0
 MAX_DISCARDS_PER_COMMAND = 12
 POSTCOPY_BATCH_PAGES = 128  # background push granule in postcopy (requests wait at most one)
 POSTCOPY_SOCKET_BUFFER = 512 << 10
-SEND_PIECE_PAGES = 32  # postcopy: page requests are served between pieces of this many records
 
 
 class Writer:
@@ -291,8 +290,6 @@ class PageChannel:
         self.w = writer
         self.stats = stats
         self.named = False  # CONTINUE context: the first record must carry the block name
-        # postcopy, 4 KiB host pages: called between pieces of a batch's send (serves page requests)
-        self.between: Callable[[], None] | None = None
         rows = max(BATCH_PAGES, block.page_size // TPS)  # a postcopy batch is at least one host page
         self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
 
@@ -351,20 +348,9 @@ class PageChannel:
                 st[:, 8:] = self.block.u8[first + lo:first + lo + m]
             else:
                 np.take(self.block.u8, part, axis=0, out=st[:, 8:], mode="clip")
-            self._send_staged(memoryview(st).cast("B"))
+            self.w.write_big(memoryview(st).cast("B"))
             self.stats.normal += m
         return data
-
-    def _send_staged(self, records: memoryview) -> None:
-        """Staged page records; with `between`, SEND_PIECE_PAGES records at a time, so that a
-        page request waits for one piece, not for the whole batch."""
-        if self.between is None:
-            self.w.write_big(records)
-            return
-        step = SEND_PIECE_PAGES * WR.PAGE_RECORD
-        for off in range(0, len(records), step):
-            self.w.write_big(records[off:off + step])
-            self.between()
 
     def _zeros(self, idx: np.ndarray) -> None:
         if not self.named:
@@ -949,8 +935,6 @@ class Outgoing:
     def _postcopy_loop(self) -> None:
         """Background push of the remaining pages; page requests jump the queue."""
         w, sender = self.writer, self.sender
-        if sender.host_pages == 1:
-            sender.main.between = self._serve_between
         while True:
             self._check()
             if self.state.status == S.POSTCOPY_DEVICE and self.package_loaded.is_set():
@@ -1123,16 +1107,6 @@ class Outgoing:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SOCKET_BUFFER)
             except OSError:
                 pass
-
-    def _serve_between(self) -> None:
-        """PageChannel.between on the main channel in postcopy (4 KiB host pages): the queued
-        one-page requests, straight from guest RAM (the staging buffer is in use); a longer range
-        waits for _serve_requests, after the batch."""
-        while self.requests and self.requests[0][1] == TPS:
-            start, _ = self.requests.popleft()
-            self.sender.send_requested(self.sender.main, start // TPS, 1, resend=False)
-        if not self.requests:
-            self.wakeup.clear()
 
     def _serve_requests(self) -> bool:
         """Send every queued requested page that is still dirty; True if any request was taken."""

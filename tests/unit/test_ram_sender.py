@@ -73,45 +73,6 @@ def test_a_batch_bigger_than_the_staging_buffer_goes_in_staging_sized_sends():
     assert (records[:, 8:] == pages[sent]).all()
 
 
-def test_page_requests_go_out_between_pieces_of_a_postcopy_batch():
-    """Postcopy: a page request waits for one piece of the batch being sent, not the whole batch;
-    the stream stays a valid run of records (decoded here) with the requested page in between."""
-    from livemig.outgoing import SEND_PIECE_PAGES, Writer
-    from livemig.wire import decoder as D
-    npages = 4 * SEND_PIECE_PAGES + 8
-    mem = mmap.mmap(-1, npages * 4096)
-    pages = np.frombuffer(mem, np.uint8).reshape(npages, 4096)
-    pages[:, 0] = np.arange(npages) % 251 + 1
-    chan = _Collect()
-    s = RamSender(RamBlock("pc.ram", mem), Writer(chan), RamStats())
-    s.dirty[:] = True
-    s.ndirty = npages
-    wanted = npages - 3  # requested while the batch [0, 4 pieces) goes out
-    calls = []
-
-    def between():
-        calls.append(len(chan.data))
-        if len(calls) == 1 and s.take_one(wanted):
-            s.main.send_one(wanted)
-
-    s.main.between = between
-    s.send(s.next_batch(4 * SEND_PIECE_PAGES))
-    s.w.flush()
-    assert len(calls) == 4  # once after each piece (127 staged records: 32, 32, 32, 31)
-    dec = D.StreamDecoder([D.LocalBlock("pc.ram", npages * 4096, 4096)], {}, postcopy=True, bare_ram=True)
-    order = []
-    for ev in dec.feed(bytes(chan.data)):
-        assert isinstance(ev, D.Pages)
-        for off, row in zip(ev.offsets.tolist(), ev.data):
-            assert (row == pages[off // 4096]).all()
-            order.append(off // 4096)
-    # the first page goes alone as the record naming the block; the pieces follow it
-    assert order == [*range(1 + SEND_PIECE_PAGES), wanted, *range(1 + SEND_PIECE_PAGES, 4 * SEND_PIECE_PAGES)]
-    # the scan continues right after the requested page, then wraps to what the batch left
-    assert s.next_batch(64).tolist() == [wanted + 1, wanted + 2]
-    assert s.next_batch(64).tolist() == list(range(4 * SEND_PIECE_PAGES, wanted))
-
-
 def test_next_batch_wraps_to_dirty_pages_before_the_scan_position():
     """A block smaller than one scan window, the scan past its only dirty page: the batch still
     finds it (an empty batch with pages left failed small guests' stop-and-copy)."""
