@@ -49,7 +49,7 @@ SHRINK_FACTOR = 0.75  # another pass only while each finds at least a quarter le
 RAM_SECTION_ID = 0
 MAX_DISCARDS_PER_COMMAND = 12
 POSTCOPY_BATCH_PAGES = 128  # background push granule in postcopy (requests wait at most one)
-POSTCOPY_SOCKET_BUFFER = 512 << 10
+POSTCOPY_SOCKET_BUFFER = 2 << 20  # postcopy send queue: shorter waits, but too short starves the push
 
 
 class Writer:
@@ -1099,8 +1099,9 @@ class Outgoing:
         return self.preempt_requests and bool(self.opts.param("x-preempt-resend"))
 
     def _shrink_send_buffer(self) -> None:
-        """A requested page queues behind whatever background data is already buffered: keep
-        that queue short in postcopy (one channel carries both)."""
+        """A requested page queues behind whatever background data is already buffered: bound
+        that queue in postcopy (one channel carries both). 2 MiB measured best on loopback:
+        512 KiB starved the push (4 GiB switchover->complete 12% longer), 0 stalled it."""
         sock = self.chan.sock if self.chan is not None else None
         if sock is not None:
             try:
