@@ -75,6 +75,7 @@ class Incoming:
         self.listening = threading.Event()  # POSTCOPY_LISTEN was handled
         self.preempt_chan: Channel | None = None
         self.preempt_requests = False  # page requests go on the preempt connection (announced)
+        self.livemig_source = False  # the stream's CONFIGURATION named livemig's machine type
         self.preempt_send_lock = threading.Lock()
 
     def start(self) -> None:
@@ -268,6 +269,12 @@ class Incoming:
         with self.rp_lock:
             self.chan.sendall(data)
 
+    def _announce_preempt_requests(self) -> bool:
+        """x-preempt-requests (with postcopy-preempt) is announced only to a source whose stream
+        named livemig's machine type: a QEMU source fails on the unknown return-path message."""
+        return bool(self.opts.cap("postcopy-preempt") and self.opts.param("x-preempt-requests")
+                    and self.livemig_source)
+
     def _send_requests(self, data: bytes) -> None:
         """Page requests (fault thread, recovery): on the preempt connection once the source
         has been told to read it there (x-preempt-requests), else on the return path."""
@@ -365,12 +372,13 @@ class Incoming:
         if isinstance(ev, D.Configuration):
             if ev.machine != WS.MACHINE_TYPE:
                 raise ProtocolError(f"Machine type received is '{ev.machine}' and local is '{WS.MACHINE_TYPE}'")
+            self.livemig_source = True
             return False
         if isinstance(ev, D.OpenReturnPath):
             if self.chan is None or not self.chan.bidirectional:
                 raise ProtocolError("OPEN_RETURN_PATH on a one-way transport")
             self.rp_open = True
-            if self.opts.cap("postcopy-preempt") and self.opts.param("x-preempt-requests"):
+            if self._announce_preempt_requests():
                 self._send_rp(RPW.preempt_requests())  # a livemig source reads the preempt connection too
                 self.preempt_requests = True
             return False
@@ -491,8 +499,7 @@ class Incoming:
         check_host()
         alias_addr, pf = self.machine.ram_alias_addr, self.prefaulter
         urgent = None
-        if (self.opts.cap("postcopy-preempt") and self.opts.param("x-preempt-requests")
-                and self.opts.param("x-urgent-process") and self.tls is None):
+        if self.preempt_requests and self.opts.param("x-urgent-process") and self.tls is None:
             urgent = UrgentProcess()  # started now: its start-up is not in the downtime
         self.pc = PostcopyDestination(self.block, self.machine.ram_host_addr, self._send_requests,
                                       self.received, self.nonzero, self.machine.vcpu_thread_ids,

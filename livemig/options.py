@@ -48,9 +48,10 @@ PARAMETERS: dict[str, tuple[Any, str, int | None, int | None]] = {
     # livemig's own, destination side: with postcopy-preempt, send page requests on the preempt
     # connection instead of the main one, where they wait for the socket that the bulk stream
     # holds (fault latency about halves here). The destination announces it on the return path
-    # at the start; a livemig source then reads the preempt connection too, a QEMU source fails
-    # at once on the unknown message (so it is off by default).
-    "x-preempt-requests": (False, "bool", None, None),
+    # at the start, and only to a source whose stream began with livemig's machine type in its
+    # CONFIGURATION section (a QEMU source would fail on the unknown message; it never gets it);
+    # a livemig source then reads the preempt connection too. On by default
+    "x-preempt-requests": (True, "bool", None, None),
     # livemig's own, with x-preempt-requests and no TLS: each side runs its urgent path in a
     # process of its own, away from the GIL of its bulk threads. The destination reads userfaultfd
     # and the preempt connection there (urgent_dst.py); the source answers the requests that come

@@ -1,10 +1,13 @@
 """Postcopy between two real livemig processes: userfaultfd demand paging over the return path."""
+import socket
 import time
 
 import pytest
 from qemu.qmp import ExecuteError
 
 from livemig.postcopy import minor_faults_supported
+from livemig.wire import returnpath as RP
+from livemig.wire import stream as S
 from vmtools import MiB, assert_migrated, migrate
 
 PC = ("events", "postcopy-ram")
@@ -185,14 +188,14 @@ def test_destination_dies_before_switchover(vms):
 @pytest.mark.parametrize("immediately", [False, True], ids=["after-first-pass", "immediately"])
 def test_postcopy_preempt(vms, immediately):
     """postcopy-preempt: requested pages travel on a second connection; the requests themselves on
-    the main return path (QEMU's way: no x-preempt-requests, so no re-send of queued pages)."""
+    the main return path (QEMU's way: x-preempt-requests off, so no re-send of queued pages)."""
     global PC
     src = vms("src", memory="256M", ws_mib=0)
     dst = vms("dst", memory="256M", incoming="defer")
     src.wait_passes(1)
     saved, PC = PC, PC + ("postcopy-preempt",)
     try:
-        info = _postcopy(src, dst, immediately=immediately)
+        info = _postcopy(src, dst, immediately=immediately, dst_params={"x-preempt-requests": False})
     finally:
         PC = saved
     assert_migrated(src, dst, 256 * MiB, 0)
@@ -202,9 +205,9 @@ def test_postcopy_preempt(vms, immediately):
 
 @pytest.mark.parametrize("urgent", [True, False], ids=["urgent-processes", "threads"])
 def test_postcopy_preempt_requests_on_preempt_channel(vms, urgent):
-    """x-preempt-requests on the destination: it announces it on the return path, then sends its
-    page requests on the preempt connection, where the source answers them: in threads, or with
-    x-urgent-process each side in a process of its own."""
+    """x-preempt-requests (on by default) on the destination: it announces it on the return path,
+    then sends its page requests on the preempt connection, where the source answers them: in
+    threads, or with x-urgent-process each side in a process of its own."""
     global PC
     src = vms("src", memory="256M", ws_mib=0)
     dst = vms("dst", memory="256M", incoming="defer")
@@ -213,7 +216,7 @@ def test_postcopy_preempt_requests_on_preempt_channel(vms, urgent):
     saved, PC = PC, PC + ("postcopy-preempt",)
     try:
         info = _postcopy(src, dst, immediately=True,
-                         dst_params={"x-preempt-requests": True, "x-urgent-process": urgent})
+                         dst_params={"x-urgent-process": urgent})
     finally:
         PC = saved
     assert_migrated(src, dst, 256 * MiB, 0)
@@ -278,3 +281,26 @@ def test_policy_needs_postcopy_ram(vms):
     with pytest.raises(Exception, match="needs the postcopy-ram capability"):
         src.cmd("migrate", uri="tcp:127.0.0.1:1")
     assert src.cmd("query-migrate") == {} or src.cmd("query-migrate").get("status") != "failed"
+
+
+@pytest.mark.parametrize("configuration", [True, False], ids=["livemig-machine", "no-configuration"])
+def test_preempt_requests_announced_only_to_a_livemig_stream(vms, configuration):
+    """With postcopy-preempt the destination announces x-preempt-requests (a message a QEMU source
+    would fail on) only after the stream's CONFIGURATION named livemig's machine type."""
+    dst = vms("dst", memory="64M", incoming="defer")
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}
+                                                      for c in PC + ("postcopy-preempt",)])
+    dst.cmd("migrate-incoming", **{"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    with socket.create_connection((addr["host"], int(addr["port"]))) as s:
+        s.settimeout(20)
+        s.sendall(S.file_header() + (S.configuration() if configuration else b"")
+                  + S.command(S.Cmd.OPEN_RETURN_PATH) + S.ping(7))
+        got = b""
+        while RP.pong(7) not in got:
+            chunk = s.recv(4096)
+            assert chunk, f"return path closed before the PONG: {got!r}"
+            got += chunk
+    expected = (RP.preempt_requests() if configuration else b"") + RP.pong(7)
+    assert got == expected, got
+    dst.wait_status({"failed"}, timeout=20)  # the stream was cut: a clean failure
