@@ -268,7 +268,15 @@ class VMProcess:
         return tls
 
     def q_migrate(self, args: dict) -> None:
+        prev = self.outgoing
+        if prev is not None and not args.get("resume") and prev.state.status not in S.RUNNING:
+            # a failed or cancelled migration shows its state before its cleanup ends (which stops
+            # dirty logging and takes this lock): a new one starts after it
+            prev.thread.join(timeout=10)
         with self.lock:
+            if not args.get("resume") and prev is not None and prev.thread.is_alive() \
+                    and prev.state.status not in S.RUNNING:
+                raise QMPError("The previous migration is still ending; try again")
             if args.get("resume"):
                 out = self.outgoing
                 if out is None or out.state.status != S.POSTCOPY_PAUSED:
@@ -349,6 +357,9 @@ class VMProcess:
     def _start_incoming(self, uri: str, exit_on_error: bool) -> None:
         try:
             target = parse_uri(uri)
+            for cap in ("multifd", "postcopy-preempt"):
+                if self.opts.cap(cap) and target.scheme not in ("tcp", "unix"):
+                    raise QMPError(f"{cap} opens several connections: use a tcp: or unix: URI")
             inc = Incoming(self.machine, self.opts, target, self.emit, exit_on_error=exit_on_error,
                            on_started=self._incoming_started, tls=self._tls("server", target))
         except TransportError as e:

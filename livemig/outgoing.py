@@ -161,6 +161,15 @@ class RamSender:
             self.shared_fds = [fd_dirty, fd_ctr]
         return [*self.shared_fds, *self.lock.fds]
 
+    def release(self) -> None:
+        """The migration ended: close what share() opened (the mappings stay; claims from now on
+        are this process's alone)."""
+        if self.shared_fds:
+            for fd in (*self.shared_fds, *self.lock.fds):
+                os.close(fd)
+            self.shared_fds = []
+            self.lock = threading.Lock()
+
     def attach(self, fds: list[int]) -> None:
         """In the urgent process: claim from the parent's bitmap (fds as share() returned them)."""
         _, self.dirty = shared_array(self.block.npages, fd=fds[0])
@@ -310,6 +319,8 @@ class PageChannel:
         (or, with `multifd`, as multifd packets; ZERO records stay on this channel). Returns how many
         were not zero pages."""
         n = idx.size
+        if not n:
+            return 0
         first = int(idx[0])
         contiguous = int(idx[-1]) - first + 1 == n
         nonzero = nonzero_pages(self.block.u64, idx)
@@ -382,6 +393,7 @@ class Outgoing:
         self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/src/main", daemon=True)
         self.switch_lock = threading.Lock()
         self.handed_over = False
+        self.eof_sent = False  # the EOF is on its way: a SHUT(0) before it is bad input
         self.rp_thread: threading.Thread | None = None
         self.rp_error: str | None = None
         self.rp_io = False  # rp_error is a broken connection, not bad input
@@ -434,8 +446,8 @@ class Outgoing:
         self.thread.start()
 
     def cancel(self) -> None:
-        # the switch lock keeps a cancel out of the two moments the guest changes hands: the
-        # postcopy package (until postcopy-device) and precopy completion (after SHUT(0))
+        # the switch lock (never held across I/O) orders a cancel against the two moments the guest
+        # changes hands: the postcopy package queued whole, and the precopy stream queued whole
         with self.switch_lock:
             st = self.state.status
             if st in S.IN_POSTCOPY:
@@ -447,7 +459,12 @@ class Outgoing:
             self.cancel_requested = True
             self.state.set({S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE}, S.CANCELLING)
             if self.chan is not None:
-                self.chan.shutdown()
+                if st == S.DEVICE:
+                    # a blocked send fails; what is queued still goes, so if the stream (or the
+                    # package) was queued whole the destination's answer decides, as it must
+                    self.chan.shutdown_write()
+                else:
+                    self.chan.shutdown()
 
     def start_postcopy(self) -> None:
         """migrate-start-postcopy: only a flag; the migration thread switches at its next step."""
@@ -737,10 +754,14 @@ class Outgoing:
             self._open_preempt()  # before the guest stops, as QEMU: a failure here costs nothing
         self.wakeup.clear()
         self._drain()
-        with self.switch_lock, self._urgent():
+        with self._urgent():
             self._switch_to_postcopy(w, sender, m)
+        after_package = True
         while True:
             try:
+                if after_package:  # a failure from here pauses (the destination may run the guest)
+                    after_package = False
+                    self._after_package(w, m)
                 self._postcopy_loop()
                 self._finish_postcopy(self.writer)
                 return
@@ -859,6 +880,7 @@ class Outgoing:
 
     def _switch_to_postcopy(self, w: Writer, sender: RamSender, m: Any) -> None:
         """Stop the guest, discard, send the package; ends in postcopy-device (cancel refused)."""
+        self._check()  # a cancel that came first wins
         t_stop = self._stop_guest()
         marks = self.switchover_marks = {"pause": time.monotonic() - t_stop}
         self.stats.precopy_bytes = self._sent()
@@ -882,21 +904,30 @@ class Outgoing:
         if self.urgent is not None:
             self.urgent.postcopy()
         w.write(WS.packaged(bytes(package)))
-        w.flush()
+        w.flush()  # a cancel during it makes it fail: the destination then has part of a package
         marks["sent"] = time.monotonic() - t_stop
-        self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)  # the package is out: cancel is refused from here
+        with self.switch_lock:
+            if self.cancel_requested:  # came after the package was queued whole: it lost the race
+                self.cancel_requested = False
+                self.state.set(S.CANCELLING, S.DEVICE)
+            self.state.set(S.DEVICE, S.POSTCOPY_DEVICE)  # the package is out: cancel is refused from here
         self.downtime_ms = int((time.monotonic() - t_stop) * 1000)
         marks["package"] = time.monotonic() - t_stop
         self.switch_time = time.monotonic()
-        w.write(WS.ping(4))
-        w.flush()
-        m.dirty_log_stop()  # after the package: a memslot update is not free, keep it out of the downtime
-        self.dirty_logging = False
+
+    def _after_package(self, w: Writer, m: Any) -> None:
+        try:
+            w.write(WS.ping(4))
+            w.flush()
+        finally:  # after the package: a memslot update is not free, keep it out of the downtime
+            m.dirty_log_stop()
+            self.dirty_logging = False
         self._shrink_send_buffer()
 
     def _finish_postcopy(self, w: Writer) -> None:
         self._close_preempt()
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID) + WR.eos() + WS.section_footer(RAM_SECTION_ID))
+        self.eof_sent = True  # from here SHUT(0) is a legal answer
         w.write(WS.eof())
         w.flush()
         extra = getattr(self, "preempt_bytes", 0)
@@ -936,9 +967,9 @@ class Outgoing:
         """Background push of the remaining pages; page requests jump the queue."""
         w, sender = self.writer, self.sender
         while True:
-            self._check()
             if self.state.status == S.POSTCOPY_DEVICE and self.package_loaded.is_set():
                 self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)
+            self._check()
             if not sender.ndirty and not self.requests:
                 if self.package_loaded.is_set():
                     self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)  # if the PONG came just now
@@ -957,7 +988,10 @@ class Outgoing:
                 if limit and self._sent() - self._rate_bytes0 >= limit:
                     throttled = True
                     break
-                sender.send(sender.next_batch(max(POSTCOPY_BATCH_PAGES, sender.host_pages)))
+                idx = sender.next_batch(max(POSTCOPY_BATCH_PAGES, sender.host_pages))
+                if not idx.size:
+                    break  # a request claimed the last dirty pages since ndirty was read
+                sender.send(idx)
             w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
             w.flush()
             self._account()
@@ -1227,14 +1261,21 @@ class Outgoing:
         w.write(WS.section_header(WS.Section.END, RAM_SECTION_ID))
         n = BATCH_PAGES
         while self.sender.ndirty:
+            if self.cancel_requested:  # a file: or pipe has no shutdown that would stop the sends
+                self._check()
             n = BATCH_PAGES if self.sender.send(self.sender.next_batch(n), self.multifd) else ZERO_SCAN_PAGES
         w.write(self._multifd_sync() + WR.eos() + WS.section_footer(RAM_SECTION_ID))
         marks["ram"] = time.monotonic() - t_stop
         w.write(self._device_sections())
+        self._check()
+        self.eof_sent = True  # from here SHUT(0) is a legal answer
         w.write(WS.eof() + WS.vmdescription(self._vmdesc()))
-        w.flush()
+        w.flush()  # a cancel during it makes it fail: the destination then has part of a stream
         with self.switch_lock:
             self.handed_over = True  # the destination may start the guest any moment: no cancel now
+            if self.cancel_requested:  # came after the stream was queued whole: SHUT decides
+                self.cancel_requested = False
+                self.state.set(S.CANCELLING, S.DEVICE)
         marks["devices"] = time.monotonic() - t_stop
         self.stats.downtime_bytes = self._sent() - precopy_bytes
         self.stats.transferred = self._sent()
@@ -1274,10 +1315,12 @@ class Outgoing:
             # the guest now, so this side must not (`cont` resumes it here if the destination is gone)
             self.error = f"{msg} (the whole stream was sent: the destination may be running the guest; " \
                          "the source stays paused)"
-        if self.state.status in S.IN_POSTCOPY - {S.POSTCOPY_DEVICE}:
+        st = self.state.status
+        if st in S.IN_POSTCOPY - {S.POSTCOPY_DEVICE} or (st == S.POSTCOPY_DEVICE and self.package_loaded.is_set()):
             self.error = f"{msg} (postcopy: the guest runs on the destination; the source keeps its paused copy)"
             self.guest_moved = True
-        self.state.set(S.RUNNING - {S.CANCELLING}, S.FAILED)
+        if not self.state.set(S.RUNNING - {S.CANCELLING}, S.FAILED):
+            self.state.set(S.CANCELLING, S.CANCELLED)  # a cancel came in since the check above
 
     def _cleanup(self) -> None:
         if getattr(self, "dirty_logging", False):
@@ -1287,9 +1330,13 @@ class Outgoing:
                 pass
         if self.state.status != S.COMPLETED and self.paused_by_us and not getattr(self, "guest_moved", False) \
                 and not (self.handed_over and self.shut_value is None):
-            self.machine.resume()  # a failed or cancelled precopy leaves the guest running
-            self.on_runstate("running")
-            self.emit("RESUME", None)
+            try:
+                self.machine.resume()  # a failed or cancelled precopy leaves the guest running
+            except Exception as e:  # e.g. the vCPU died meanwhile: say so, and release the rest anyway
+                print(f"livemig: the source guest could not be resumed: {e}", file=sys.stderr)
+            else:
+                self.on_runstate("running")
+                self.emit("RESUME", None)
         if self.chan is not None:
             self.chan.shutdown()
             self.chan.close()
@@ -1301,6 +1348,9 @@ class Outgoing:
         self._close_urgent()
         if self.rp_thread is not None:
             self.rp_thread.join(timeout=5)
+        sender = getattr(self, "sender", None)
+        if sender is not None and not (self.rp_thread is not None and self.rp_thread.is_alive()):
+            sender.release()
 
     # -- the return-path thread
     def _queue_request(self, msg: RPW.ReqPages) -> None:
@@ -1340,6 +1390,8 @@ class Outgoing:
                         if msg.value == WS.PING_PACKAGED_LOADED:
                             self.package_loaded.set()
                     elif isinstance(msg, RPW.Shut):
+                        if msg.value == 0 and not self.eof_sent:
+                            raise ProtocolError("return path: SHUT(0) (loading done) before the end of the stream")
                         self.shut_at = time.monotonic()
                         self.shut_value = msg.value
                         self.shut.set()
