@@ -343,7 +343,7 @@ class Incoming:
             idx = (ev.offsets >> np.uint64(12)).astype(np.intp)
             n = idx.size
             first = int(idx[0])
-            if int(idx[-1]) - first + 1 == n:
+            if n == 1 or bool((np.diff(idx) == 1).all()):  # each record follows the one before
                 if self.populate and not self.received[first]:
                     self._populate(first, n)
                 self.block.u8[first:first + n] = ev.data
@@ -428,6 +428,11 @@ class Incoming:
         if isinstance(ev, D.Discard):
             if self.pc is None or self.pc.listening:
                 raise ProtocolError("POSTCOPY_RAM_DISCARD outside the ADVISE..LISTEN window")
+            hps = self.block.page_size
+            for start, length in ev.ranges:
+                if start % hps or length % hps:
+                    raise ProtocolError(f"POSTCOPY_RAM_DISCARD range 0x{start:x}+0x{length:x} is not in whole "
+                                        f"host pages of 0x{hps:x} bytes")
             self.pc.discard(ev.ranges)
             return False
         if isinstance(ev, D.Packaged):
@@ -446,6 +451,8 @@ class Incoming:
         if isinstance(ev, D.PostcopyRun):
             if self.pc is None or not self.pc.listening:
                 raise ProtocolError("POSTCOPY_RUN before POSTCOPY_LISTEN")
+            if self.run_thread is not None:
+                raise ProtocolError("POSTCOPY_RUN twice")
             # Loading the vCPU can make KVM touch guest pages that have not arrived (the kvmclock
             # and steal-time areas its MSRs point at): load on a thread of its own, as QEMU does,
             # while this one goes on reading the stream that brings those pages.
@@ -542,7 +549,8 @@ class Incoming:
                 self.stats.normal += reader.normal
                 self.stats.duplicate += reader.duplicate
         except Exception as e:
-            if self.state.status in S.FINISHED or self.state.status == S.POSTCOPY_PAUSED or self.error:
+            if self.state.status in S.FINISHED or self.state.status == S.POSTCOPY_PAUSED or self.error \
+                    or getattr(self, "preempt_unused", False):
                 return  # the listener closed at the end of a migration that did not use preempt, or on failure
             self.preempt_error = f"postcopy-preempt channel: {e}"
             print(f"livemig: {self.preempt_error}", file=sys.stderr, flush=True)
@@ -572,15 +580,25 @@ class Incoming:
     def _finish(self) -> None:
         if self.pc is not None and self.pc.listening:
             self._join_run_thread()
+            if self.state.status != S.POSTCOPY_ACTIVE:
+                raise ProtocolError(f"the postcopy stream ended in state {self.state.status} "
+                                    "(no POSTCOPY_RUN, or no POSTCOPY_RESUME after a recovery)")
             t = getattr(self, "preempt_thread", None)
             if t is not None:
                 if getattr(self, "preempt_chan", None) is None:
+                    self.preempt_unused = True
                     self._close_listener()  # the source never opened it: stop waiting
                 t.join(timeout=60)  # every requested page is placed before the guest is complete
+                if t.is_alive():
+                    raise ProtocolError("the postcopy-preempt connection did not end within 60 s of the stream's end")
                 if getattr(self, "preempt_error", None):
                     raise ProtocolError(self.preempt_error)
+            missing = self.block.npages - int(np.count_nonzero(self.received))
+            if missing:  # unregistered, they would read as zeros
+                raise ProtocolError(f"the postcopy stream ended with {missing} pages of guest RAM never sent")
             self.pc.finish()
-            self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED)
+            if not self.state.set(S.POSTCOPY_ACTIVE, S.COMPLETED):
+                raise ProtocolError(f"postcopy ended in state {self.state.status}")
             self._send_shut_ok()
         else:
             if self.pc is not None:
@@ -606,6 +624,16 @@ class Incoming:
             pass
 
     def _close(self) -> None:
+        """Close the connections; the preempt thread ends before guest memory's placement state
+        goes (it may be placing a page)."""
+        pchan = getattr(self, "preempt_chan", None)
+        if pchan is not None:
+            pchan.shutdown()
+        t = getattr(self, "preempt_thread", None)
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        if pchan is not None:
+            pchan.close()
         if self.chan is not None:
             self.chan.close()
         if self.multifd is not None:
@@ -649,7 +677,8 @@ class Incoming:
             print(f"livemig: postcopy failed after the guest started here; guest paused: {msg}",
                   file=sys.stderr, flush=True)
             return
-        if self.pc is not None and self.pc.listening:
+        t = getattr(self, "preempt_thread", None)
+        if self.pc is not None and self.pc.listening and not (t is not None and t.is_alive()):
             try:
                 self.pc.finish()
                 self.pc.release()

@@ -28,6 +28,7 @@ from .uffd import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_R
 from .wire import returnpath as RPW
 
 MADV_DONTNEED = 4
+MADV_REMOVE = 9
 MADV_NOHUGEPAGE = 15
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
@@ -131,7 +132,7 @@ class PostcopyDestination:
         """ADVISE: every page of guest RAM is dropped; only what the stream brings counts."""
         if self.hp == 1:
             self._madvise(0, self.block.size, MADV_NOHUGEPAGE)  # 4 KiB placement needs 4 KiB pages
-        self._madvise(0, self.block.size, MADV_DONTNEED)
+        self._drop(0, self.block.size)
         self.received[:] = False
         self.nonzero[:] = False
         if self.minor:  # the second mapping, now: precopy populates it along with the guest's
@@ -150,7 +151,7 @@ class PostcopyDestination:
 
     def discard(self, ranges: list[tuple[int, int]]) -> None:
         for start, length in ranges:
-            self._madvise(start, length, MADV_DONTNEED)
+            self._drop(start, length)
             a, b = start // TPS, (start + length) // TPS
             self.received[a:b] = False
             self.nonzero[a:b] = False
@@ -161,6 +162,12 @@ class PostcopyDestination:
         breaks = np.flatnonzero(np.diff(idx) != 1) + 1
         for a, b in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [idx.size])).tolist()):
             self._madvise(int(idx[a]) * TPS, (b - a) * TPS, MADV_POPULATE_READ)
+
+    def _drop(self, off: int, length: int) -> None:
+        """Drop guest pages so that the guest faults on them. Minor mode keeps the memfd's pages
+        (a minor fault then asks for the page); without it, memfd pages must leave the file, or
+        the guest would read the old data and a new copy would find the page present."""
+        self._madvise(off, length, MADV_REMOVE if self.ram_fd is not None and not self.minor else MADV_DONTNEED)
 
     def _madvise(self, off: int, length: int, advice: int) -> None:
         if _libc.madvise(self.addr + off, length, advice) != 0:
@@ -310,11 +317,16 @@ class PostcopyDestination:
         page_of = self.addr
         msgs = []
         written: list[tuple[int, int]] = []  # minor mode: (page, vcpu) whose data is there already
+        stale: list[int] = []  # minor mode: faults on pages placed already
         with self.lock:
             for addr, _flags, tid in faults:
                 page = (addr - page_of) // TPS
                 page -= page % self.hp  # requests always cover one whole host page
-                if not 0 <= page < self.block.npages or self.received[page]:
+                if not 0 <= page < self.block.npages:
+                    continue
+                if self.received[page]:
+                    if self.minor:  # its placer woke the vCPU, unless the kernel let the page go
+                        stale.append(page)  # since (reclaim): then only a CONTINUE maps it again
                     continue
                 self.faults += 1
                 vcpu = tids.index(tid) if tid in tids else -1
@@ -335,6 +347,11 @@ class PostcopyDestination:
                     # out first on the new connection, where an unnamed one would be an error
                     msgs.append(RPW.req_pages(page * TPS, self.hp * TPS, self.block.name))
                     self.requests += 1
+        for page in stale:
+            try:
+                self.uffd.cont(page_of + page * TPS, self.hp * TPS, self.fault_cont_buf)  # EEXIST if mapped
+            except GuestError:
+                pass  # nothing to map there: the fault was not the kernel's to repeat
         for page, vcpu in written:  # its placer has not mapped it yet: no need to wait for that
             self.uffd.cont(page_of + page * TPS, TPS, self.fault_cont_buf)
             done = time.monotonic()
@@ -610,8 +627,10 @@ class Placer:
     def _write_scattered(self, part: np.ndarray, data: np.ndarray | None) -> None:
         """The pages of `part` (data row k for part[k]) that no other placer has claimed."""
         pc = self.pc
+        first_seen = np.zeros(part.size, dtype=np.bool_)  # a page twice in one event: the first copy
+        first_seen[np.unique(part, return_index=True)[1]] = True
         with pc.claim_lock:
-            todo = pc.claimed[part] == 0
+            todo = (pc.claimed[part] == 0) & first_seen
             mine = part[todo]
             pc.claimed[mine] = CLAIMED
         if not mine.size:
@@ -641,12 +660,11 @@ class Placer:
                     done = uffd.copy(dst, self.staging_addr + i * TPS, (j - i) * TPS, self.copy_buf)
                 else:
                     done = uffd.zeropage(dst, (j - i) * TPS, self.zero_buf)
-                placed = min(done // TPS, j - i)
+                # a short count stops at a page that got there first or failed: the next call
+                # starts there and tells (0: present, skip it; a failure raises)
+                placed = max(min(done // TPS, j - i), 1)
                 pc._placed(page, page + placed, copy)
                 i += placed
-                if i < j:  # the copy stopped at a page that got there first (EEXIST/EAGAIN): skip it
-                    pc._placed(int(part[i]), int(part[i]) + 1, copy)
-                    i += 1
 
     def _assemble(self, idx: np.ndarray, data: np.ndarray | None) -> None:
         """Huge pages: collect the target pages of one host page (they arrive back to back on

@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import struct
+import time
 
 from .errors import GuestError
 
@@ -28,6 +29,7 @@ UFFD_FEATURE_THREAD_ID = 1 << 8
 UFFD_FEATURE_MISSING_HUGETLBFS = 1 << 4
 UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 MSG_SIZE = 32
+EAGAIN_RETRIES = 1000  # a placement ioctl that makes no progress (the address space is changing)
 SYS_userfaultfd = 323  # x86-64
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -131,15 +133,24 @@ class UserFault:
         return self._place(UFFDIO_CONTINUE, buf, 24, "UFFDIO_CONTINUE")
 
     def _place(self, request: int, buf: bytearray, result_at: int, what: str) -> int:
-        try:
-            fcntl.ioctl(self.fd, request, buf, True)
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                return 0
-            if e.errno != errno.EAGAIN:
-                raise GuestError(f"{what} failed: {e.strerror}") from None
-        (done,) = struct.unpack_from("<q", buf, result_at)
-        return max(done, 0)
+        """Bytes placed from the start of the range: 0 means its first page is present already
+        (EEXIST). A short count stops at a page that is present or that failed: the caller asks
+        again from there, which tells the two apart. No progress at all with EAGAIN (the address
+        space was changing) is retried here."""
+        for _ in range(EAGAIN_RETRIES):
+            struct.pack_into("<q", buf, result_at, 0)
+            try:
+                fcntl.ioctl(self.fd, request, buf, True)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    return 0
+                if e.errno != errno.EAGAIN:
+                    raise GuestError(f"{what} failed: {e.strerror}") from None
+            (done,) = struct.unpack_from("<q", buf, result_at)
+            if done > 0:
+                return done
+            time.sleep(0.0001)
+        raise GuestError(f"{what} made no progress (EAGAIN {EAGAIN_RETRIES} times)")
 
     def read_faults(self, max_msgs: int = 16) -> list[tuple[int, int, int]]:
         """Read pending fault messages: [(address, flags, thread id)]; [] when woken otherwise."""

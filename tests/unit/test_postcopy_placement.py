@@ -223,3 +223,56 @@ def test_a_requested_page_goes_in_before_the_pages_ahead_of_it(dest):
     assert not pc.requested[50] and len(pc.latencies) == 1 and rec[10:60].all()
     for p in idx:
         assert (ram[p] == p).all()
+
+
+def test_a_page_twice_in_one_event_keeps_its_first_copy(dest):
+    """A run of page records may name a page twice; as with two channels, the first copy stays
+    (in minor mode the second must not be written after the first was mapped)."""
+    pc, ram, rec = dest
+    data = np.stack([np.full(4096, v, np.uint8) for v in (7, 1, 2)])
+    pc.place_pages(np.array([9, 5, 5]), data)
+    assert ram[9, 0] == 7 and ram[5, 0] == 1 and (ram[5] == 1).all() and rec[[5, 9]].all()
+
+
+@pytest.mark.parametrize("dest", ["UFFDIO_CONTINUE"], indirect=True)
+def test_a_placed_page_the_kernel_unmapped_is_mapped_again_at_its_fault(dest):
+    """Minor mode: reclaim can take a placed page out of the guest's mapping while its data stays in
+    the memfd; the guest's next touch is a minor fault on a received page, which must be mapped
+    again (not ignored: the vCPU would wait until the migration ends)."""
+    pc, ram, rec = dest
+    pc.place_pages(np.array([3]), np.full((1, 4096), 0x33, np.uint8))
+    assert rec[3]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.madvise(pc.addr + 3 * 4096, 4096, 4) == 0  # MADV_DONTNEED: what reclaim does to the mapping
+    buf = ctypes.create_string_buffer(4)
+    t = threading.Thread(target=ctypes.memmove, args=(buf, pc.addr + 3 * 4096, 4))  # faults without the GIL
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive() and buf.raw == b"\x33" * 4
+
+
+def test_memfd_guest_ram_without_minor_faults_drops_discarded_pages(monkeypatch):
+    """A memfd-backed guest on a host without minor faults on shared memory: a discarded page must
+    leave the file (else the guest reads its old data and the new copy finds it present)."""
+    import livemig.postcopy as P
+    monkeypatch.setattr(P, "minor_faults_supported", lambda: False)  # such a host (before Linux 5.13)
+    fd = os.memfd_create("test-ram")
+    os.ftruncate(fd, 64 * 4096)
+    m = mmap.mmap(fd, 64 * 4096, mmap.MAP_SHARED)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    rec = np.zeros(64, bool)
+    pc = P.PostcopyDestination(RamBlock("pc.ram", m), addr, lambda b: None, rec, np.zeros(64, bool),
+                               lambda: [], ram_fd=fd)
+    assert not pc.minor
+    pc.advise()
+    ram = GuestView(np.frombuffer(m, np.uint8).reshape(64, 4096))
+    ram[3] = 0x11  # precopy brought page 3
+    rec[3] = True
+    pc.discard([(3 * 4096, 4096)])  # dirtied since: discarded at the switch
+    pc.listen()
+    pc.place_pages(np.array([3]), np.full((1, 4096), 0x22, np.uint8))  # its new content, in postcopy
+    assert rec[3] and ram[3, 0] == 0x22
+    pc.finish()
+    pc.release()
+    os.close(fd)
