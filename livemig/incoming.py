@@ -444,6 +444,8 @@ class Incoming:
                 raise ProtocolError("POSTCOPY_LISTEN without POSTCOPY_ADVISE (or twice)")
             if not self.rp_open:
                 raise ProtocolError("postcopy needs a return path")
+            if self.multifd is not None:
+                self.multifd.finish()  # postcopy pages come on the main and preempt channels only
             self.pc.listen()
             self.listening.set()  # the preempt channel may place pages from now on
             self.state.set(S.ACTIVE, S.POSTCOPY_DEVICE)
@@ -603,6 +605,8 @@ class Incoming:
         else:
             if self.pc is not None:
                 self.pc.close_urgent()  # postcopy was possible but did not come
+            if self.multifd is not None:
+                self.multifd.finish()  # before the guest may run
             self._load_devices()
             self.state.set(S.ACTIVE, S.COMPLETED)
             self._send_shut_ok()  # before the vCPU starts, whose thread competes for the GIL and a core

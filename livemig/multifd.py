@@ -189,6 +189,8 @@ class _RecvChannel:
         self.synced = threading.Semaphore(0)
         self.go = threading.Semaphore(0)
         self.closed = False
+        self.stopping = False  # the loader ends the channel: its end is no error
+        self.unsynced = 0  # packets with pages since this channel's last SYNC
         self.error: str | None = None
         self.bytes = 0
         self.pages = 0
@@ -204,6 +206,7 @@ class _RecvChannel:
                 pkt = WM.parse_header(hdr, sizes)
                 self.bytes += WM.HEADER_LEN + pkt.data_len
                 if pkt.offsets.size:
+                    self.unsynced += 1
                     self.ready.wait()  # not before the loader has set guest memory up (ADVISE, RAM setup)
                     idx = (pkt.offsets >> np.uint64(12)).astype(np.intp)
                     if np.any(np.diff(idx) <= 0):
@@ -214,9 +217,12 @@ class _RecvChannel:
                     self.store.stored(idx)
                     self.pages += idx.size
                 if pkt.sync:
+                    self.unsynced = 0
                     self.synced.release()
                     self.go.acquire()
         except Exception as e:
+            if self.stopping:
+                return
             self.error = f"multifd channel {self.cid}: {e}"
             self.on_error(self.error)
         finally:
@@ -257,6 +263,17 @@ class MultifdReceiver:
                 raise ProtocolError(f"multifd: channel {c.cid} closed before its sync")
         for c in self.chans:
             c.go.release()
+
+    def finish(self) -> None:
+        """No multifd pages may come any more (LISTEN, or the end of a precopy stream): stop the
+        receivers before the loader goes on, so none writes guest memory after this point. Pages
+        that came after a channel's last SYNC had no MULTIFD_FLUSH to order them: an error."""
+        for c in self.chans:
+            c.stopping = True
+        self.close()
+        late = [c.cid for c in self.chans if c.unsynced]
+        if late:
+            raise ProtocolError(f"multifd: pages on channel(s) {late} after the last MULTIFD_FLUSH")
 
     def close(self) -> None:
         self.ready.set()

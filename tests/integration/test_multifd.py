@@ -76,6 +76,7 @@ def test_multifd_on_the_source_only_fails_cleanly(vms):
 
 # --------------------------------------------------------------------- hostile multifd input
 import socket  # noqa: E402
+import time  # noqa: E402
 import struct  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -154,3 +155,24 @@ def test_flush_without_multifd_is_refused(vms):
         info = dst.wait_status({"failed", "completed"}, timeout=20)
     assert info["status"] == "failed", info
     assert "multifd is off" in info["error-desc"], info
+
+
+def test_multifd_pages_after_the_last_flush_fail_before_the_guest_runs(vms):
+    """Pages on a multifd channel that no MULTIFD_FLUSH ordered before the end of the stream could
+    land after the guest started: the destination stops its receivers and fails instead."""
+    dst = vms("dst", memory="64M", incoming="defer")
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    dst.cmd("migrate-set-parameters", **{"multifd-channels": 1})
+    dst.cmd("migrate-incoming", **{"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+    addr = dst.cmd("query-migrate")["socket-address"][0]
+    where = (addr["host"], int(addr["port"]))
+    with socket.create_connection(where) as main, socket.create_connection(where) as chan:
+        main.sendall(PREFIX)
+        chan.sendall(WM.init_packet(0) + _hdr([0]) + PAGE)
+        time.sleep(1.0)  # the receiver has written the page by now (it waited for the RAM setup only)
+        main.sendall(S.eof())
+        main.shutdown(socket.SHUT_WR)  # no VMDESCRIPTION: the stream ends at EOF
+        info = dst.wait_status({"failed", "completed"}, timeout=20)
+    assert info["status"] == "failed", info
+    assert "after the last MULTIFD_FLUSH" in info["error-desc"], info
+    assert dst.cmd("query-status")["status"] == "inmigrate"  # the guest never started
