@@ -190,6 +190,7 @@ class StreamDecoder:
         self.bytes_consumed = 0
         self.package_end: int | None = None  # stream position where the PACKAGED blob being parsed ends
         self.package_skip = 0  # bytes of the blob left after its POSTCOPY_RUN (QEMU drops them)
+        self.config_ok = not bare_ram  # CONFIGURATION may come first (after the header), once
 
     # -- buffer management
     @property
@@ -255,6 +256,7 @@ class StreamDecoder:
             raise ProtocolError("connection lost inside the postcopy package: cannot recover")
         self.start = self.end = 0
         self.last_block = None
+        self.package_skip = 0  # the rest of the package after RUN was on the old connection
         if self.phase not in (_AFTER_EOF, _DONE, _VMDESC):
             self.phase = _RAM if self.bare_ram else _MAIN
 
@@ -331,13 +333,18 @@ class StreamDecoder:
             self.phase = _VMDESC
             return None
         t = cur.u8()
-        if t == Section.CONFIGURATION:
+        if t != Section.CONFIGURATION:
+            self.config_ok = False
+        elif not self.config_ok:
+            raise ProtocolError("CONFIGURATION section in the middle of the stream (only right after the header)")
+        else:
             n = cur.be32()
             if n > 255:
                 raise ProtocolError(f"machine type name of {n} bytes in CONFIGURATION")
             raw = cur.read(n)
             if cur.peek_u8() == Section.SUBSECTION:
                 raise ProtocolError("CONFIGURATION subsections (validated capabilities, page bits, uuid) are not supported")
+            self.config_ok = False
             return Configuration(raw.decode("ascii", "replace"))
         if t in (Section.START, Section.FULL):
             sid = cur.be32()

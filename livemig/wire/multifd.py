@@ -115,6 +115,8 @@ def parse_header(data, block_sizes: dict[str, int], page_size: int = TPS) -> Pac
         size = block_sizes.get(name)
         if size is None:
             raise ProtocolError(f"multifd: unknown RAM block '{name}'")
+        if size < page_size:
+            raise ProtocolError(f"multifd: pages for RAM block '{name}' of 0x{size:x} bytes (less than a page)")
         if offsets.size and (int(offsets.max()) > size - page_size or np.any(offsets % np.uint64(page_size))):
             bad = offsets[(offsets > np.uint64(size - page_size)) | (offsets % np.uint64(page_size) != 0)][0]
             raise ProtocolError(f"multifd: page offset 0x{int(bad):x} outside RAM block '{name}' "

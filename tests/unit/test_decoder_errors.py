@@ -582,3 +582,31 @@ def test_rp_truncation_is_only_incomplete():
         dec.feed(data[:cut])
         while dec.next_message() is not None:
             pass
+
+
+@pytest.mark.parametrize("extra", [100, 3, 1])
+def test_recovery_does_not_skip_the_old_package_rest_on_the_new_connection(extra):
+    """The connection broke after POSTCOPY_RUN while the rest of the PACKAGED blob (QEMU drops what
+    follows RUN) was still on its way: that rest went with the old connection, and the new one
+    must decode from its first byte (once it swallowed everything, or ended in a bogus EOF)."""
+    blob = S.command(S.Cmd.POSTCOPY_LISTEN) + S.command(S.Cmd.POSTCOPY_RUN)
+    dec = D.StreamDecoder([D.LocalBlock("pc.ram", 16 * 4096)], {})
+    old = S.file_header() + S.command(S.Cmd.PACKAGED, struct.pack(">I", len(blob) + extra)) + blob
+    assert dec.feed(old)[-1] == D.PostcopyRun()
+    dec.reconnect()
+    new = S.recv_bitmap("pc.ram") + S.command(S.Cmd.POSTCOPY_RESUME) + S.ping(7) + S.eof()
+    assert dec.feed(new) == [D.RecvBitmapRequest("pc.ram"), D.PostcopyResume(), D.Ping(7), D.Eof()]
+
+
+@pytest.mark.parametrize("where", ["mid-stream", "in the package"])
+def test_configuration_only_right_after_the_header(where):
+    dec = D.StreamDecoder([], {})
+    events = dec.feed(S.file_header() + S.configuration() + S.ping(1))
+    assert [type(e) for e in events] == [D.Header, D.Configuration, D.Ping]
+    if where == "mid-stream":
+        data = S.configuration("evil") + S.ping(2)
+    else:
+        blob = S.command(S.Cmd.POSTCOPY_LISTEN) + S.configuration("other")
+        data = S.command(S.Cmd.PACKAGED, struct.pack(">I", len(blob))) + blob
+    with pytest.raises(ProtocolError, match="CONFIGURATION section in the middle"):
+        dec.feed(data)

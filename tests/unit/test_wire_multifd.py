@@ -87,3 +87,9 @@ def test_zero_records_on_the_main_channel_need_a_flush_too():
     mf2.queued = []
     ch.send(np.array([4, 5]), mf2)
     assert mf2.unsynced and mf2.queued[0].tolist() == [5]
+
+
+def test_pages_for_a_block_smaller_than_a_page_are_refused():
+    hdr = WM.packet_header(np.array([0], dtype=np.uint64), 0, "rom")
+    with pytest.raises(ProtocolError, match="less than a page"):
+        WM.parse_header(hdr, {"rom": 100})
