@@ -120,15 +120,20 @@ BAD_CHANNELS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CHANNELS))
-def test_hostile_multifd_channel_fails_cleanly(vms, case):
-    init, packets, expect = BAD_CHANNELS[case]
+def _one_channel_destination(vms):
+    """A destination waiting with multifd on (one channel); its listening address."""
     dst = vms("dst", memory="64M", incoming="defer")
     dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
     dst.cmd("migrate-set-parameters", **{"multifd-channels": 1})
     dst.cmd("migrate-incoming", **{"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
     addr = dst.cmd("query-migrate")["socket-address"][0]
-    where = (addr["host"], int(addr["port"]))
+    return dst, (addr["host"], int(addr["port"]))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHANNELS))
+def test_hostile_multifd_channel_fails_cleanly(vms, case):
+    init, packets, expect = BAD_CHANNELS[case]
+    dst, where = _one_channel_destination(vms)
     with socket.create_connection(where) as main, socket.create_connection(where) as chan:
         main.sendall(PREFIX)
         chan.sendall(init + packets)
@@ -160,12 +165,7 @@ def test_flush_without_multifd_is_refused(vms):
 def test_multifd_pages_after_the_last_flush_fail_before_the_guest_runs(vms):
     """Pages on a multifd channel that no MULTIFD_FLUSH ordered before the end of the stream could
     land after the guest started: the destination stops its receivers and fails instead."""
-    dst = vms("dst", memory="64M", incoming="defer")
-    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
-    dst.cmd("migrate-set-parameters", **{"multifd-channels": 1})
-    dst.cmd("migrate-incoming", **{"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
-    addr = dst.cmd("query-migrate")["socket-address"][0]
-    where = (addr["host"], int(addr["port"]))
+    dst, where = _one_channel_destination(vms)
     with socket.create_connection(where) as main, socket.create_connection(where) as chan:
         main.sendall(PREFIX)
         chan.sendall(WM.init_packet(0) + _hdr([0]) + PAGE)
