@@ -138,6 +138,10 @@ def decode_mxcsr_insn(code: bytes, regs: dict[str, int], seg_base: dict[str, int
     return ("ldmxcsr" if reg == 2 else "stmxcsr"), addr & 0xFFFFFFFFFFFFFFFF, i
 
 
+XSTATE_BV = 512  # offset of the XSAVE header's state-component bitmap
+XFEATURE_SSE = 1 << 1
+
+
 class EmulationFixups:
     """Finishes instructions kvm_pvm's emulator cannot run. ``host_address(gpa)`` maps guest RAM.
 
@@ -212,6 +216,11 @@ class EmulationFixups:
             if not self._copy(linear, cell, False):
                 return False
             xsave[24:28] = cell
+            # KVM takes MXCSR from the buffer only if the header's XSTATE_BV marks SSE (or AVX)
+            # state present; a vCPU that never used SSE has it clear (all-init), and the write
+            # would be dropped. Zeroed XMM registers are their init state, so marking SSE is safe.
+            bv = int.from_bytes(xsave[XSTATE_BV:XSTATE_BV + 8], "little") | XFEATURE_SSE
+            xsave[XSTATE_BV:XSTATE_BV + 8] = bv.to_bytes(8, "little")
             self.vcpu.set_xsave(bytes(xsave))
         else:
             cell[:] = xsave[24:28]
