@@ -302,13 +302,19 @@ class VMProcess:
             for name in ("x-switchover-budget", "x-postcopy-after-passes"):
                 if self.opts.param(name) and not self.opts.cap("postcopy-ram"):
                     raise QMPError(f"Parameter '{name}' switches to postcopy: it needs the postcopy-ram capability")
-            if self.opts.cap("multifd") and target.scheme not in ("tcp", "unix"):
-                raise QMPError("multifd opens several connections: use a tcp: or unix: URI")
+            self._check_connections(target)
             out = Outgoing(self.machine, self.opts, target, self.emit, tls=self._tls("client", target))
             out.on_finish = self._outgoing_finished
             out.on_runstate = self._set_runstate
             self.outgoing = out
             out.start()
+
+    def _check_connections(self, target: URI) -> None:
+        """multifd and postcopy-preempt open more connections than the first: tcp: or unix: only."""
+        if target.scheme not in ("tcp", "unix"):
+            for cap in ("multifd", "postcopy-preempt"):
+                if self.opts.cap(cap):
+                    raise QMPError(f"{cap} opens several connections: use a tcp: or unix: URI")
 
     @staticmethod
     def _uri_arg(args: dict) -> str:
@@ -357,9 +363,7 @@ class VMProcess:
     def _start_incoming(self, uri: str, exit_on_error: bool) -> None:
         try:
             target = parse_uri(uri)
-            for cap in ("multifd", "postcopy-preempt"):
-                if self.opts.cap(cap) and target.scheme not in ("tcp", "unix"):
-                    raise QMPError(f"{cap} opens several connections: use a tcp: or unix: URI")
+            self._check_connections(target)
             inc = Incoming(self.machine, self.opts, target, self.emit, exit_on_error=exit_on_error,
                            on_started=self._incoming_started, tls=self._tls("server", target))
         except TransportError as e:

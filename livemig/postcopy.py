@@ -590,9 +590,17 @@ class Placer:
         claimed = pc.claimed
         base, total = int(idx[0]), idx.size
         # consecutive pages: slices, no gathers (an event is any run of page records, in any order)
-        in_order = total == 1 or bool((np.diff(idx) == 1).all())
+        steps = np.diff(idx)
+        in_order = total == 1 or bool((steps == 1).all())
         if in_order:
             pc.populate_alias(base, total)  # one call, not a page fault a page
+        elif not (steps > 0).all():
+            # not ascending, so a page may be named twice: keep its first copy (the second, in
+            # the same piece, would be written after the first was mapped)
+            keep = np.sort(np.unique(idx, return_index=True)[1])
+            idx = idx[keep]
+            data = None if data is None else data[keep]
+            total = idx.size
         for s in range(0, total, CONTINUE_PIECE):
             if pc.fault_time and data is not None:
                 self._requested_first(idx[s:], data[s:])
@@ -627,10 +635,8 @@ class Placer:
     def _write_scattered(self, part: np.ndarray, data: np.ndarray | None) -> None:
         """The pages of `part` (data row k for part[k]) that no other placer has claimed."""
         pc = self.pc
-        first_seen = np.zeros(part.size, dtype=np.bool_)  # a page twice in one event: the first copy
-        first_seen[np.unique(part, return_index=True)[1]] = True
         with pc.claim_lock:
-            todo = (pc.claimed[part] == 0) & first_seen
+            todo = pc.claimed[part] == 0
             mine = part[todo]
             pc.claimed[mine] = CLAIMED
         if not mine.size:
