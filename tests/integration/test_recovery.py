@@ -73,7 +73,8 @@ def test_recover_twice_with_preempt(vms, tmp_path, same_path, urgent):
     """Two pauses in one migration; with the same recovery address both times, the second
     listener's socket file must survive the first one's cleanup. With the urgent processes, the
     first connection's end ends them and threads serve the reconnections."""
-    src, dst = _postcopy_under_way(vms, tmp_path, preempt=True, bandwidth=20 << 20, urgent=urgent)
+    # a slow push: postcopy must outlast two pause-recover rounds however little the first pass left
+    src, dst = _postcopy_under_way(vms, tmp_path, preempt=True, bandwidth=4 << 20, urgent=urgent)
     for i in range(2):
         (src, dst)[i].cmd("migrate-pause")
         _both_paused(src, dst)
