@@ -3,9 +3,10 @@ to a file (read it to follow the console) and text can be typed into the guest."
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from pathlib import Path
+
+from .threadname import NamedThread
 
 
 class ConsoleClient:
@@ -23,7 +24,7 @@ class ConsoleClient:
                     raise TimeoutError(f"console {sock_path} does not accept connections") from None
                 time.sleep(0.05)
         self._out = open(copy_to, "ab", buffering=0)
-        self._thread = threading.Thread(target=self._copy, name="console-copy", daemon=True)
+        self._thread = NamedThread(target=self._copy, name="console-copy", daemon=True)
         self._thread.start()
 
     def _copy(self) -> None:

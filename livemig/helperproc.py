@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import Callable
 
+from .threadname import NamedThread
+
 _LEN = struct.Struct("<I")
 PR_SET_PDEATHSIG = 1
 MAX_FDS = 8
@@ -89,7 +91,7 @@ class HelperProcess:
         except OSError:
             pass
         self.ctl.close()
-        threading.Thread(target=self._reap, name="mig/urgent-reap", daemon=True).start()
+        NamedThread(target=self._reap, name="mig/urgent-reap", daemon=True).start()
 
     def _reap(self) -> None:
         try:

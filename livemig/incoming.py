@@ -27,6 +27,7 @@ from .wire import decoder as D
 from .wire import multifd as WM
 from .wire import returnpath as RPW
 from .wire import stream as WS
+from .threadname import NamedThread
 
 
 
@@ -64,7 +65,7 @@ class Incoming:
         self.run_error: str | None = None
         self.run_lock = threading.Lock()
         self.vmdesc: bytes | None = None
-        self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
+        self.thread = NamedThread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
         self.populate = True
         self.prefaulter = None  # background allocation started by the VM process, if any
         self.multifd: MultifdReceiver | None = None
@@ -163,7 +164,7 @@ class Incoming:
         with self.rp_lock:
             self.rp_open = True
         if self.opts.cap("postcopy-preempt"):
-            self.preempt_thread = threading.Thread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
+            self.preempt_thread = NamedThread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
             self.preempt_thread.start()
         return chan
 
@@ -184,7 +185,7 @@ class Incoming:
             if self.opts.cap("postcopy-preempt"):
                 # accepted at once, as QEMU does: the source opens it before the switch, and a TLS
                 # handshake needs this side to answer before the source can go on
-                self.preempt_thread = threading.Thread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
+                self.preempt_thread = NamedThread(target=self._preempt_loop, name="mig/dst/preempt", daemon=True)
                 self.preempt_thread.start()
             if self.prefaulter is not None:
                 # from here on the loader allocates what it receives; only a postcopy destination,
@@ -458,7 +459,7 @@ class Incoming:
             # Loading the vCPU can make KVM touch guest pages that have not arrived (the kvmclock
             # and steal-time areas its MSRs point at): load on a thread of its own, as QEMU does,
             # while this one goes on reading the stream that brings those pages.
-            self.run_thread = threading.Thread(target=self._postcopy_run, name="mig/dst/run", daemon=True)
+            self.run_thread = NamedThread(target=self._postcopy_run, name="mig/dst/run", daemon=True)
             self.run_thread.start()
             return False
         raise ProtocolError(f"unexpected {type(ev).__name__} in a precopy stream")

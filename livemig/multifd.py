@@ -23,6 +23,7 @@ from .errors import MigrationError, ProtocolError
 from .ramblock import TPS, RamBlock
 from .transport import URI, Channel, connect
 from .wire import multifd as WM
+from .threadname import NamedThread
 
 if TYPE_CHECKING:
     from .tls import TlsEndpoint
@@ -50,7 +51,7 @@ class _SendChannel:
         self.jobs: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self.synced = threading.Semaphore(0)
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._run, name=f"mig/src/send_{cid}", daemon=True)
+        self.thread = NamedThread(target=self._run, name=f"mig/src/send_{cid}", daemon=True)
 
     def _run(self) -> None:
         try:
@@ -194,7 +195,7 @@ class _RecvChannel:
         self.error: str | None = None
         self.bytes = 0
         self.pages = 0
-        self.thread = threading.Thread(target=self._run, name=f"mig/dst/recv_{cid}", daemon=True)
+        self.thread = NamedThread(target=self._run, name=f"mig/dst/recv_{cid}", daemon=True)
 
     def _run(self) -> None:
         hdr = bytearray(WM.HEADER_LEN)

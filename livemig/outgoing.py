@@ -37,6 +37,7 @@ from .wire import ram as WR
 from .wire import returnpath as RPW
 from .wire import stream as WS
 from .wire.vmstate import describe, encode
+from .threadname import NamedThread
 
 BATCH_PAGES = 256  # pages per scatter batch (~1 MiB on the wire)
 ZERO_SCAN_PAGES = 1024  # pages per batch after a batch of zero pages only
@@ -390,7 +391,7 @@ class Outgoing:
         self.error: str | None = None
         self.cancel_requested = False
         self.chan: Channel | None = None
-        self.thread = threading.Thread(target=lambda: run_profiled(self._run), name="mig/src/main", daemon=True)
+        self.thread = NamedThread(target=lambda: run_profiled(self._run), name="mig/src/main", daemon=True)
         self.switch_lock = threading.Lock()
         self.handed_over = False
         self.eof_sent = False  # the EOF is on its way: a SHUT(0) before it is bad input
@@ -542,7 +543,7 @@ class Outgoing:
         use_rp = self.chan.bidirectional
         w.write(WS.file_header() + WS.configuration())
         if use_rp:
-            self.rp_thread = threading.Thread(target=self._rp_loop, name="mig/src/return", daemon=True)
+            self.rp_thread = NamedThread(target=self._rp_loop, name="mig/src/return", daemon=True)
             self.rp_thread.start()
             w.write(WS.command(WS.Cmd.OPEN_RETURN_PATH) + WS.ping(1))
         if self.opts.cap("postcopy-ram"):
@@ -837,7 +838,7 @@ class Outgoing:
             self.sender.named = False  # a new connection: a new CONTINUE context
             self._rp_last_block = None
             self.state.set(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER)
-            self.rp_thread = threading.Thread(target=self._rp_loop, name="mig/src/return", daemon=True)
+            self.rp_thread = NamedThread(target=self._rp_loop, name="mig/src/return", daemon=True)
             self.rp_thread.start()
             try:
                 self._resume_handshake()
@@ -1021,7 +1022,7 @@ class Outgoing:
                 print(f"livemig: urgent process not used: {e}", file=sys.stderr, flush=True)
                 self._close_urgent()
         if self.urgent is not None:
-            self.urgent_thread = threading.Thread(target=self._urgent_wait, args=(self.urgent, chan),
+            self.urgent_thread = NamedThread(target=self._urgent_wait, args=(self.urgent, chan),
                                                   name="mig/src/preempt-return", daemon=True)
             self.urgent_thread.start()
             return
@@ -1071,7 +1072,7 @@ class Outgoing:
 
     def _start_preempt_reader(self, chan: Channel) -> None:
         if self.preempt_requests:
-            threading.Thread(target=self._preempt_rp_loop, args=(chan,), name="mig/src/preempt-return",
+            NamedThread(target=self._preempt_rp_loop, args=(chan,), name="mig/src/preempt-return",
                              daemon=True).start()
 
     def _preempt_rp_loop(self, chan: Channel) -> None:

@@ -26,6 +26,7 @@ from .shm import PipeLock, shared_array
 from .wire import decoder as D
 from .uffd import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UserFault, probe
 from .wire import returnpath as RPW
+from .threadname import NamedThread
 
 MADV_DONTNEED = 4
 MADV_REMOVE = 9
@@ -199,7 +200,7 @@ class PostcopyDestination:
         self.start_fault_thread()
 
     def start_fault_thread(self) -> None:
-        self.fault_thread = threading.Thread(target=self._fault_loop, name="mig/dst/fault", daemon=True)
+        self.fault_thread = NamedThread(target=self._fault_loop, name="mig/dst/fault", daemon=True)
         self.fault_thread.start()
 
     @classmethod

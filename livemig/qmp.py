@@ -43,6 +43,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+from .threadname import NamedThread
 
 __all__ = ["QMPError", "AfterReply", "QMPServer"]
 
@@ -431,7 +432,7 @@ class _Client:
         name = self.server.name
         for target, what in ((self._reader, "reader"), (self._writer, "writer"),
                              (self._worker, "worker")):
-            threading.Thread(target=target, name=f"{name}-qmp-{what}-{self.label}",
+            NamedThread(target=target, name=f"{name}-qmp-{what}-{self.label}",
                              daemon=True).start()
 
     # -- output
@@ -724,7 +725,7 @@ class QMPServer:
         if self._started:
             return
         self._started = True
-        self._accept_thread = threading.Thread(target=self._accept_loop,
+        self._accept_thread = NamedThread(target=self._accept_loop,
                                                name=f"{self.name}-qmp-accept", daemon=True)
         self._accept_thread.start()
 

@@ -73,6 +73,8 @@ def run_bounds(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 import ctypes  # noqa: E402
 import threading  # noqa: E402
 
+from .threadname import NamedThread  # noqa: E402
+
 MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -97,7 +99,7 @@ class Prefaulter:
         self.size, self.chunk = size, chunk
         self.done = [0] * len(self.addrs)  # bytes populated from the start of each mapping
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="mig/dst/prealloc", daemon=True)
+        self.thread = NamedThread(target=self._run, name="mig/dst/prealloc", daemon=True)
 
     def start(self) -> "Prefaulter":
         self.thread.start()

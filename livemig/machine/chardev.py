@@ -20,6 +20,7 @@ import threading
 from typing import Callable
 
 from ..errors import GuestError
+from ..threadname import NamedThread
 
 InputCallback = Callable[[bytes], None]
 
@@ -82,7 +83,7 @@ class StdioBackend(CharBackend):
     def set_input_handler(self, cb: InputCallback | None) -> None:
         super().set_input_handler(cb)
         if cb is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._reader, name="chardev-stdio", daemon=True)
+            self._thread = NamedThread(target=self._reader, name="chardev-stdio", daemon=True)
             self._thread.start()
 
     def _reader(self) -> None:
@@ -131,7 +132,7 @@ class UnixServerBackend(CharBackend):
         self._client: socket.socket | None = None
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._serve, name="chardev-unix", daemon=True)
+        self._thread = NamedThread(target=self._serve, name="chardev-unix", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:

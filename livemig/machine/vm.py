@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import GuestError
-from ..threadname import VCPU_THREAD_NAME, set_thread_name
+from ..threadname import NamedThread, VCPU_THREAD_NAME, set_thread_name
 from . import kvm
 from .chardev import open_chardev
 from . import linux_boot, pvm_compat
@@ -294,7 +294,7 @@ class KvmMachine:
             self._started = True
             self._want_pause = False
             self._vcpu.immediate_exit = 0
-            self._thread = threading.Thread(target=self._vcpu_main, name=VCPU_THREAD_NAME, daemon=True)
+            self._thread = NamedThread(target=self._vcpu_main, name=VCPU_THREAD_NAME, daemon=True)
             self._thread.start()
 
     def vcpu_thread_ids(self) -> list[int]:
