@@ -39,7 +39,8 @@ from .wire import stream as WS
 from .wire.vmstate import describe, encode
 from .threadname import NamedThread
 
-BATCH_PAGES = 256  # pages per scatter batch (~1 MiB on the wire)
+BATCH_PAGES = 1024  # data pages per send (~4 MiB on the wire): 1 MiB batches made pass 1 ~25 % slower
+MIN_BATCH_PAGES = 32  # under a low max-bandwidth, a batch is at most an eighth of a window's budget
 ZERO_SCAN_PAGES = 1024  # pages per batch after a batch of zero pages only
 ITERATE_MAX_S = 0.05  # one PART section at most (QEMU's MAX_WAIT)
 RATE_WINDOW_S = 0.1  # max-bandwidth is enforced per 100 ms window
@@ -51,6 +52,12 @@ RAM_SECTION_ID = 0
 MAX_DISCARDS_PER_COMMAND = 12
 POSTCOPY_BATCH_PAGES = 128  # background push granule in postcopy (requests wait at most one)
 POSTCOPY_SOCKET_BUFFER = 2 << 20  # postcopy send queue: shorter waits, but too short starves the push
+
+
+def batch_pages(window_budget: float) -> int:
+    """Data pages per send when `window_budget` bytes may go per rate window (inf: no limit):
+    BATCH_PAGES, or an eighth of the budget, so one batch overshoots a window by little."""
+    return int(max(MIN_BATCH_PAGES, min(BATCH_PAGES, window_budget // (8 * WR.PAGE_RECORD))))
 
 
 class Writer:
@@ -351,7 +358,7 @@ class PageChannel:
             if not page_idx.size:
                 return data
         rows = self.staging.shape[0]
-        for lo in range(0, page_idx.size, rows):  # one staging buffer (~1 MiB) at a time
+        for lo in range(0, page_idx.size, rows):  # one staging buffer (~4 MiB) at a time
             part = page_idx[lo:lo + rows]
             m = part.size
             st = self.staging[:m]
@@ -699,14 +706,13 @@ class Outgoing:
         t0 = time.monotonic()
         limit = self.opts.param("max-bandwidth") * RATE_WINDOW_S or float("inf")  # 0: unlimited
         throttled = False
-        n = BATCH_PAGES
+        n = batch = batch_pages(limit)
         while sender.ndirty:
             idx = sender.next_batch(n)
             if not idx.size:
                 break
-            # untouched RAM goes as ZERO records: scan it in bigger batches (less Python per GiB);
-            # data pages keep ~1 MiB batches, the rate limit's and the request queue's granule
-            n = BATCH_PAGES if sender.send(idx, self.multifd) else ZERO_SCAN_PAGES
+            # untouched RAM goes as ZERO records: scan it in bigger batches (less Python per GiB)
+            n = batch if sender.send(idx, self.multifd) else ZERO_SCAN_PAGES
             if self._sent() - self._rate_bytes0 >= limit:
                 throttled = True
                 break

@@ -82,3 +82,14 @@ def test_next_batch_wraps_to_dirty_pages_before_the_scan_position():
     s.ndirty = 1
     s.scan = 10
     assert s.next_batch().tolist() == [3] and s.ndirty == 0
+
+
+def test_batches_shrink_under_a_low_bandwidth_limit():
+    """Unlimited: ~4 MiB sends. A low max-bandwidth: at most an eighth of a 100 ms window's
+    budget per send (a 1 MiB batch at 10 MB/s overshot its 1 MB window twice over)."""
+    from livemig.outgoing import BATCH_PAGES, MIN_BATCH_PAGES, RATE_WINDOW_S, batch_pages
+    from livemig.wire import ram as WR
+    assert batch_pages(float("inf")) == BATCH_PAGES == 1024
+    budget = 40_000_000 * RATE_WINDOW_S
+    assert batch_pages(budget) * WR.PAGE_RECORD <= budget / 8 < (batch_pages(budget) + 1) * WR.PAGE_RECORD
+    assert batch_pages(1000) == MIN_BATCH_PAGES
