@@ -255,6 +255,17 @@ class Incoming:
         self.nonzero[idx] = True
         self.received[idx] = True
 
+    def prepare_run(self, first: int, n: int) -> None:
+        """prepare() of the pages first .. first + n - 1."""
+        if self.pc is not None and self.pc.listening:
+            raise ProtocolError("multifd pages after POSTCOPY_LISTEN")
+        if self.populate and not self.received[first:first + n].all():
+            self._populate(first, n)
+
+    def stored_run(self, first: int, n: int) -> None:
+        self.nonzero[first:first + n] = True
+        self.received[first:first + n] = True
+
     def _multifd_failed(self, msg: str) -> None:
         if self.state.status in S.FINISHED or self.multifd_error:
             return

@@ -34,8 +34,9 @@ WAIT_SLICE_S = 0.1
 
 def _page_runs(mem: np.ndarray, idx: np.ndarray) -> list[np.ndarray]:
     """Views of guest memory covering the ascending pages `idx`, one per contiguous run."""
-    if idx.size == 1:
-        return [mem[int(idx[0])]]
+    first, n = int(idx[0]), idx.size
+    if int(idx[-1]) - first == n - 1:  # ascending and distinct: one run
+        return [mem[first:first + n]]
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [idx.size]))
@@ -177,6 +178,10 @@ class PageStore(Protocol):
 
     def stored(self, idx: np.ndarray) -> None: ...
 
+    def prepare_run(self, first: int, n: int) -> None: ...
+
+    def stored_run(self, first: int, n: int) -> None: ...
+
 
 class _RecvChannel:
     def __init__(self, cid: int, chan: Channel, block: RamBlock, store: PageStore,
@@ -209,14 +214,22 @@ class _RecvChannel:
                 if pkt.offsets.size:
                     self.unsynced += 1
                     self.ready.wait()  # not before the loader has set guest memory up (ADVISE, RAM setup)
-                    idx = (pkt.offsets >> np.uint64(12)).astype(np.intp)
-                    if np.any(np.diff(idx) <= 0):
-                        raise ProtocolError("multifd: packet page offsets are not ascending")
-                    self.store.prepare(idx)
-                    if not self.chan.recv_exact_into(_page_runs(self.block.u8, idx)):
-                        raise ProtocolError("multifd: channel closed before the pages of a packet")
-                    self.store.stored(idx)
-                    self.pages += idx.size
+                    if pkt.contiguous:  # the common case: one run, no per-page arrays
+                        first, n = int(pkt.offsets[0]) // TPS, pkt.offsets.size
+                        self.store.prepare_run(first, n)
+                        if not self.chan.recv_exact_into([self.block.u8[first:first + n]]):
+                            raise ProtocolError("multifd: channel closed before the pages of a packet")
+                        self.store.stored_run(first, n)
+                        self.pages += n
+                    else:
+                        idx = (pkt.offsets >> np.uint64(12)).astype(np.intp)
+                        if np.any(np.diff(idx) <= 0):
+                            raise ProtocolError("multifd: packet page offsets are not ascending")
+                        self.store.prepare(idx)
+                        if not self.chan.recv_exact_into(_page_runs(self.block.u8, idx)):
+                            raise ProtocolError("multifd: channel closed before the pages of a packet")
+                        self.store.stored(idx)
+                        self.pages += idx.size
                 if pkt.sync:
                     self.unsynced = 0
                     self.synced.release()

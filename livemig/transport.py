@@ -125,7 +125,9 @@ class Channel:
         got = 0
         try:
             while views:
-                n = self.sock.recvmsg_into(views)[0]
+                # the kernel waits for all of them (one call, not one per arriving segment); it
+                # returns less only at EOF, on a shutdown or a signal
+                n = self.sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
                 if n == 0:
                     if got == 0:
                         return False

@@ -79,6 +79,7 @@ class Packet:
     block: str
     offsets: np.ndarray  # uint64 byte offsets of the pages that follow, in order
     data_len: int  # bytes of page data after the header
+    contiguous: bool = False  # the pages are one run: offsets[0], offsets[0] + page size, ...
 
     @property
     def sync(self) -> bool:
@@ -117,7 +118,14 @@ def parse_header(data, block_sizes: dict[str, int], page_size: int = TPS) -> Pac
             raise ProtocolError(f"multifd: unknown RAM block '{name}'")
         if size < page_size:
             raise ProtocolError(f"multifd: pages for RAM block '{name}' of 0x{size:x} bytes (less than a page)")
-        if offsets.size and (int(offsets.max()) > size - page_size or np.any(offsets % np.uint64(page_size))):
+        first, last = int(offsets[0]), int(offsets[-1])
+        # the common packet is one run of pages: then its two ends say all (a uint64 diff of a
+        # descending pair wraps, so it is no run)
+        contiguous = last - first == (normal - 1) * page_size and (
+            normal == 1 or bool((np.diff(offsets) == np.uint64(page_size)).all()))
+        if contiguous and not first % page_size and last <= size - page_size:
+            return Packet(flags, num, name, offsets, next_size, True)
+        if int(offsets.max()) > size - page_size or np.any(offsets % np.uint64(page_size)):
             bad = offsets[(offsets > np.uint64(size - page_size)) | (offsets % np.uint64(page_size) != 0)][0]
             raise ProtocolError(f"multifd: page offset 0x{int(bad):x} outside RAM block '{name}' "
                                 f"(0x{size:x} bytes) or not page aligned")

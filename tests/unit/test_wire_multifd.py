@@ -32,6 +32,22 @@ def test_header_round_trip(pages, num, sync):
     assert pkt.data_len == len(pages) * 4096 and pkt.block == ("pc.ram" if pages else "")
 
 
+@given(st.lists(st.integers(0, (64 << 20) // 4096 - 1), min_size=1, max_size=128))
+def test_a_packet_is_contiguous_exactly_when_its_pages_are_one_ascending_run(pages):
+    offs = np.array(pages, dtype=np.uint64) * 4096
+    pkt = WM.parse_header(WM.packet_header(offs, 0, "pc.ram"), SIZES)
+    assert pkt.contiguous == (pages == list(range(pages[0], pages[0] + len(pages))))
+
+
+def test_a_run_past_the_end_of_the_block_names_its_first_page_outside():
+    end = 64 << 20
+    offs = np.arange(end - 2 * 4096, end + 3 * 4096, 4096, dtype=np.uint64)
+    with pytest.raises(ProtocolError, match=f"0x{end:x} outside"):
+        WM.parse_header(WM.packet_header(offs, 0, "pc.ram"), SIZES)
+    with pytest.raises(ProtocolError, match="0x1001 outside"):  # a misaligned run: the first
+        WM.parse_header(WM.packet_header(np.arange(3, dtype=np.uint64) * 4096 + 0x1001, 0, "pc.ram"), SIZES)
+
+
 def test_init_checks():
     assert WM.parse_init(WM.init_packet(1), channels=2) == 1
     with pytest.raises(ProtocolError, match="greater than number of channels"):
