@@ -3,6 +3,10 @@
 # through the shared harness (../shared/bench/compare.py). Needs: apt-get install -y qemu-system-x86
 # and livemig on PATH (pip install -e .).
 #   SCENARIOS="idle idle-prefill full-precopy" MEMS="1G 4G" REPS=3 bench/compare_qemu.sh
+# QEMU_PREALLOC=1 starts QEMU with -mem-prealloc, so that, like livemig's destination (which
+# allocates guest RAM while it waits for the stream), it does not allocate guest RAM inside the
+# migration window; on a host where fresh memory is dear (bench/host_memory.py) this decides
+# the first pass. The host's memory settings and first-touch cost go into the results folder.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 harness=${HARNESS:-$here/../../shared/bench}
@@ -10,6 +14,15 @@ harness=${HARNESS:-$here/../../shared/bench}
 command -v qemu-system-x86_64 >/dev/null || { echo "QEMU missing: apt-get install -y qemu-system-x86" >&2; exit 2; }
 out=${OUT:-$here/results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
+python3 "$here/host_memory.py" --reps 1 --pause 3 | tee "$out/host_memory.txt"
+if [ "${QEMU_PREALLOC:-0}" = 1 ]; then  # the harness runs qemu-system-x86_64 from PATH
+  mkdir -p "$out/qemu-prealloc"
+  printf '#!/bin/sh\nexec %s "$@" -mem-prealloc\n' "$(command -v qemu-system-x86_64)" \
+    > "$out/qemu-prealloc/qemu-system-x86_64"
+  chmod +x "$out/qemu-prealloc/qemu-system-x86_64"
+  export PATH="$out/qemu-prealloc:$PATH"
+  echo "QEMU runs with -mem-prealloc"
+fi
 for mem in ${MEMS:-1G 4G}; do
   for sc in ${SCENARIOS:-idle idle-prefill full-precopy}; do
     echo "== $sc $mem"

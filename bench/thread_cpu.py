@@ -79,15 +79,19 @@ def _pass1(result: dict) -> float | None:
     return pass1_rate(result)
 
 
-def one_run(vmm: str, scenario: str, mem: str, port: int, poll: float, livemig: str | None = None) -> dict:
-    """One harness run; returns per side {'vcpu': s, 'other': s, 'threads': {name: s}} and the result."""
+def one_run(vmm: str, scenario: str, mem: str, port: int, poll: float, livemig: str | None = None,
+            qemu_prealloc: bool = False) -> dict:
+    """One harness run; returns per side {'vcpu': s, 'other': s, 'threads': {name: s}} and the result.
+    `qemu_prealloc`: QEMU allocates guest RAM at start (-mem-prealloc), as livemig's destination
+    does while it waits (see host_memory.py)."""
     with tempfile.TemporaryDirectory(prefix="thread-cpu-") as tmp:
         js = Path(tmp) / "result.json"
         cmd = [sys.executable, str(HARNESS / "migrate_once.py"), "--vmm", vmm, "--scenario", scenario,
                "--mem", mem, "--port", str(port), "--json", str(js)]
         if vmm == "qemu":
             wrapper = Path(tmp) / "qemu-named-threads"
-            wrapper.write_text('#!/bin/sh\nexec qemu-system-x86_64 -name migrated,debug-threads=on "$@"\n')
+            extra = " -mem-prealloc" if qemu_prealloc else ""
+            wrapper.write_text(f'#!/bin/sh\nexec qemu-system-x86_64 -name migrated,debug-threads=on{extra} "$@"\n')
             wrapper.chmod(0o755)
             cmd += ["--qemu", str(wrapper)]
         else:
@@ -134,6 +138,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=5600)
     ap.add_argument("--poll", type=float, default=0.02, help="sampling interval, s")
     ap.add_argument("--json", help="write every run here")
+    ap.add_argument("--qemu-prealloc", action="store_true",
+                    help="QEMU allocates guest RAM at start (-mem-prealloc), as livemig's destination does")
     args = ap.parse_args()
     vmms = args.vmms.split(",")
     runs: dict[str, list[dict]] = {v: [] for v in vmms}
@@ -141,7 +147,7 @@ def main() -> None:
     for rep in range(args.reps):
         for vmm in vmms:
             port += 1
-            r = one_run(vmm, args.scenario, args.mem, port, args.poll)
+            r = one_run(vmm, args.scenario, args.mem, port, args.poll, qemu_prealloc=args.qemu_prealloc)
             runs[vmm].append(r)
             print(f"[{rep + 1}/{args.reps}] {vmm:8s} {r['outcome']} integrity {r['integrity']} window {r['window_s']:.2f} s"
                   f"  src vCPU {r['src']['vcpu']:.2f} other {r['src']['other']:.2f}"
