@@ -206,7 +206,7 @@ def test_postcopy_recovery_over_tls(vms, pki, tmp_path):
     src, dst = _pair(vms, pki, ws_mib=0, prefill=False)
     src.wait_passes(1)
     # a slow background push, and a downtime limit precopy cannot meet: it stays in postcopy
-    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20, "downtime-limit": 1})
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 16 << 20, "downtime-limit": 0})
     dst.cmd("migrate-set-parameters", **{"x-preempt-requests": True})  # requests on the TLS preempt connection
     _start(src, dst, caps=("events", "postcopy-ram", "postcopy-preempt"))
     switch_after_first_pass(src, dst)
