@@ -199,7 +199,7 @@ def test_dirty_log_two_slots_high_memory(machines, tmp_path):
     m = machines(mem)
     m.load_boot_sector(make_image(1))
     m.start()
-    st = wait_for(lambda: _loop_state(m))  # paused in the loop over [1 MiB, 2 MiB)
+    st = wait_for(lambda: _loop_state(m, r12=2 * MiB))  # paused in the loop over [1 MiB, 2 MiB)
     assert st["r12"] == 2 * MiB and st["r13"] == 4 * GiB
     st["r13"] = 4 * GiB + 8 * MiB  # make the loop cover [4 GiB, 4 GiB + 8 MiB) as well
     m.devices()[0].load(st)
@@ -358,11 +358,12 @@ def test_cmos_memory_size(machines, mem):
     assert st["r13"] == 4 * GiB + high
 
 
-def _loop_state(m: KvmMachine):
-    """The saved vCPU state once the guest has reached its ring-3 loop, else None (leaves it paused then)."""
+def _loop_state(m: KvmMachine, r12: int | None = None):
+    """The saved vCPU state once the guest has reached its ring-3 loop (with `r12`: once that
+    register holds the loop's bound, not what ring-3 entry left in it), else None (leaves it paused then)."""
     m.pause()
     st = m.devices()[0].save()
-    if st["cs_selector"] == 0x2B:
+    if st["cs_selector"] == 0x2B and (r12 is None or st["r12"] == r12):
         return st
     m.resume()
     return None
