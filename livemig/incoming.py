@@ -251,10 +251,6 @@ class Incoming:
                 for run in np.split(fresh, cuts):
                     self._populate(int(run[0]), run.size)
 
-    def stored(self, idx: np.ndarray) -> None:
-        self.nonzero[idx] = True
-        self.received[idx] = True
-
     def prepare_run(self, first: int, n: int) -> None:
         """prepare() of the pages first .. first + n - 1."""
         if self.pc is not None and self.pc.listening:
@@ -262,9 +258,10 @@ class Incoming:
         if self.populate and not self.received[first:first + n].all():
             self._populate(first, n)
 
-    def stored_run(self, first: int, n: int) -> None:
-        self.nonzero[first:first + n] = True
-        self.received[first:first + n] = True
+    def stored(self, pages: np.ndarray | slice) -> None:
+        """Pages (an index array, or a slice for one run) hold what a multifd packet carried."""
+        self.nonzero[pages] = True
+        self.received[pages] = True
 
     def _multifd_failed(self, msg: str) -> None:
         if self.state.status in S.FINISHED or self.multifd_error:

@@ -176,11 +176,9 @@ class PageStore(Protocol):
 
     def prepare(self, idx: np.ndarray) -> None: ...
 
-    def stored(self, idx: np.ndarray) -> None: ...
-
     def prepare_run(self, first: int, n: int) -> None: ...
 
-    def stored_run(self, first: int, n: int) -> None: ...
+    def stored(self, pages: np.ndarray | slice) -> None: ...
 
 
 class _RecvChannel:
@@ -216,20 +214,19 @@ class _RecvChannel:
                     self.ready.wait()  # not before the loader has set guest memory up (ADVISE, RAM setup)
                     if pkt.contiguous:  # the common case: one run, no per-page arrays
                         first, n = int(pkt.offsets[0]) // TPS, pkt.offsets.size
+                        pages: np.ndarray | slice = slice(first, first + n)
                         self.store.prepare_run(first, n)
-                        if not self.chan.recv_exact_into([self.block.u8[first:first + n]]):
-                            raise ProtocolError("multifd: channel closed before the pages of a packet")
-                        self.store.stored_run(first, n)
-                        self.pages += n
+                        bufs = [self.block.u8[pages]]
                     else:
-                        idx = (pkt.offsets >> np.uint64(12)).astype(np.intp)
-                        if np.any(np.diff(idx) <= 0):
+                        pages = (pkt.offsets >> np.uint64(12)).astype(np.intp)
+                        if np.any(np.diff(pages) <= 0):
                             raise ProtocolError("multifd: packet page offsets are not ascending")
-                        self.store.prepare(idx)
-                        if not self.chan.recv_exact_into(_page_runs(self.block.u8, idx)):
-                            raise ProtocolError("multifd: channel closed before the pages of a packet")
-                        self.store.stored(idx)
-                        self.pages += idx.size
+                        self.store.prepare(pages)
+                        bufs = _page_runs(self.block.u8, pages)
+                    if not self.chan.recv_exact_into(bufs):
+                        raise ProtocolError("multifd: channel closed before the pages of a packet")
+                    self.store.stored(pages)
+                    self.pages += pkt.offsets.size
                 if pkt.sync:
                     self.unsynced = 0
                     self.synced.release()

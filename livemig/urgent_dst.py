@@ -21,6 +21,7 @@ import sys
 import traceback
 
 from .helperproc import HelperProcess, child_main, recv_msg
+from .ramblock import TPS
 
 _ARRIVAL = struct.Struct("<qd")  # page, monotonic time placed
 
@@ -34,8 +35,10 @@ class UrgentProcess(HelperProcess):
         os.set_blocking(self.arr_w, False)
         super().__init__("livemig.urgent_dst")
         self.given_preempt = False
+        self.npages = 0  # guest pages, known at listen()
 
     def listen(self, cfg: dict, fds: list[int]) -> None:
+        self.npages = cfg["size"] // TPS
         self.send({"op": "listen", **cfg}, [*fds, self.arr_r])
 
     def give_preempt(self, sock: socket.socket) -> None:
@@ -52,7 +55,7 @@ class UrgentProcess(HelperProcess):
         """Arrival notes the process did not read before it ended."""
         os.set_blocking(self.arr_r, False)
         out: list[tuple[int, float]] = []
-        while got := _read_arrivals(self.arr_r):
+        while got := _read_arrivals(self.arr_r, self.npages):
             out += got
         return out
 
@@ -133,20 +136,25 @@ def _serve(ctl: socket.socket) -> dict:
 
 
 def _note_arrivals(pc, fd: int) -> None:
-    """Count the latency of each requested page the VM process placed. The notes feed statistics
-    only: one naming a page outside guest RAM is dropped, never fatal to the migration (CI saw
-    one once, page 96016 of 65536; its source is not found yet)."""
-    for page, when in _read_arrivals(fd):
-        if 0 <= page < pc.requested.size:
-            pc._requested_arrived(page, when)
+    """Count the latency of each requested page the VM process placed."""
+    for page, when in _read_arrivals(fd, pc.requested.size):
+        pc._requested_arrived(page, when)
 
 
-def _read_arrivals(fd: int) -> list[tuple[int, float]]:
+def _read_arrivals(fd: int, npages: int) -> list[tuple[int, float]]:
+    """Arrival notes waiting in the pipe. They feed statistics only: one naming a page outside
+    guest RAM is dropped with a warning, never fatal to the migration (CI saw one once, page
+    96016 of 65536; where it came from is not found yet)."""
     try:
         data = os.read(fd, 256 * _ARRIVAL.size)
     except OSError:  # nothing there (non-blocking), or closed
         return []
-    return [(int(p), float(t)) for p, t in _ARRIVAL.iter_unpack(data[:len(data) // _ARRIVAL.size * _ARRIVAL.size])]
+    notes = [(int(p), float(t)) for p, t in _ARRIVAL.iter_unpack(data[:len(data) // _ARRIVAL.size * _ARRIVAL.size])]
+    bad = [p for p, _ in notes if not 0 <= p < npages]
+    if bad or len(data) % _ARRIVAL.size:
+        print(f"livemig: dropped arrival notes (pages {bad[:4]} of {npages}, {len(data)} bytes read)",
+              file=sys.stderr)
+    return [(p, t) for p, t in notes if 0 <= p < npages]
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ def parse_header(data, block_sizes: dict[str, int], page_size: int = TPS) -> Pac
         if size < page_size:
             raise ProtocolError(f"multifd: pages for RAM block '{name}' of 0x{size:x} bytes (less than a page)")
         first, last = int(offsets[0]), int(offsets[-1])
-        # the common packet is one run of pages: then its two ends say all (a uint64 diff of a
-        # descending pair wraps, so it is no run)
+        # the common packet is one run of pages, checked by its ends before a diff; then the two
+        # ends are the range and alignment checks (a uint64 diff of a descending pair wraps: no run)
         contiguous = last - first == (normal - 1) * page_size and (
             normal == 1 or bool((np.diff(offsets) == np.uint64(page_size)).all()))
         if contiguous and not first % page_size and last <= size - page_size:

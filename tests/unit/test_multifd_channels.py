@@ -24,15 +24,12 @@ class Bitmaps:
     def prepare(self, idx):
         self.prepared[idx] = True
 
-    def stored(self, idx):
-        self.received[idx] = True
-
     def prepare_run(self, first, n):
         self.prepared[first:first + n] = True
-
-    def stored_run(self, first, n):
-        self.received[first:first + n] = True
         self.runs += 1
+
+    def stored(self, pages):
+        self.received[pages] = True
 
 
 @pytest.mark.parametrize("pages", [
