@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import GuestError, ProtocolError, TransportError
 from .ramblock import TPS, RamBlock
-from .shm import PipeLock, shared_array
+from .shm import PipeLock, nonzero_of_shared, shared_array
 from .wire import decoder as D
 from .uffd import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UserFault, probe
 from .wire import returnpath as RPW
@@ -261,8 +261,8 @@ class PostcopyDestination:
     def _placed(self, a: int, b: int, nonzero: bool) -> None:
         self.received[a:b] = True
         self.nonzero[a:b] = nonzero
-        if self.requested[a:b].any():
-            for p in (np.flatnonzero(self.requested[a:b]) + a).tolist():
+        if self.requested[a:b].any():  # the urgent process sets and clears these meanwhile
+            for p in (nonzero_of_shared(self.requested[a:b]) + a).tolist():
                 self._requested_arrived(p)
 
     def _requested_arrived(self, page: int, now: float | None = None) -> None:

@@ -24,6 +24,13 @@ def shared_array(n: int, dtype=np.bool_, fd: int | None = None) -> tuple[int, np
     return fd, np.frombuffer(m, dtype=dtype, count=n)
 
 
+def nonzero_of_shared(view: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a shared array's `view` that another process may write meanwhile: taken
+    on a private copy. numpy counts the nonzero items, allocates, then fills; if the count changes
+    in between it returns entries it never filled (garbage, out of range as often as not)."""
+    return np.flatnonzero(view.copy())
+
+
 class PipeLock:
     """A mutex that works across processes: holding it means having read the one byte in the pipe.
     `fds` (read end, write end) attaches to a lock made in another process."""

@@ -142,9 +142,9 @@ def _note_arrivals(pc, fd: int) -> None:
 
 
 def _read_arrivals(fd: int, npages: int) -> list[tuple[int, float]]:
-    """Arrival notes waiting in the pipe. They feed statistics only: one naming a page outside
-    guest RAM is dropped with a warning, never fatal to the migration (CI saw one once, page
-    96016 of 65536; where it came from is not found yet)."""
+    """Arrival notes waiting in the pipe. They feed statistics only, so one naming a page outside
+    guest RAM (a bug: _placed once read garbage from numpy's nonzero on the live shared bitmap,
+    see shm.nonzero_of_shared) is dropped with a warning, never fatal to the migration."""
     try:
         data = os.read(fd, 256 * _ARRIVAL.size)
     except OSError:  # nothing there (non-blocking), or closed

@@ -22,6 +22,7 @@ def vms(tmp_path):
         asyncio.set_event_loop(None)
     for vm in made:
         assert "Traceback" not in vm.stderr(), f"{vm.name} printed a traceback:\n{vm.stderr()}"
+        assert "dropped arrival notes" not in vm.stderr(), f"{vm.name}: {vm.stderr()}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,7 +16,7 @@ import pytest
 from livemig.helperproc import recv_msg, send_msg
 from livemig.postcopy import PostcopyDestination, minor_faults_supported
 from livemig.ramblock import RamBlock
-from livemig.shm import PipeLock, shared_array
+from livemig.shm import PipeLock, nonzero_of_shared, shared_array
 from livemig.uffd import probe
 from livemig.urgent_dst import UrgentProcess
 from livemig.urgent_src import RemoteRam
@@ -49,6 +49,32 @@ def test_shared_array_is_the_same_memory():
     a[7] = 12345
     assert b[7] == 12345 and b.sum() == 12345
     os.close(fd)
+
+
+def test_nonzero_of_shared_while_another_process_writes():
+    """Another process sets and clears every 7th item while we ask which are set: each answer
+    names only such items (numpy's own nonzero on the live memory returns unfilled entries
+    then; CI once saw page 96016 of a 65536-page guest come out of it)."""
+    fd, a = shared_array(1000)
+    code = ("import sys; from livemig.shm import shared_array\n"
+            "_, a = shared_array(1000, fd=int(sys.argv[1]))\n"
+            "print('go', flush=True)\n"
+            "while True: a[::7] = True; a[::7] = False\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(fd)], pass_fds=[fd], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "go\n"
+        seen = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for _ in range(200):
+                hits = nonzero_of_shared(a[0:1000])
+                assert ((hits >= 0) & (hits < 1000) & (hits % 7 == 0)).all(), hits
+                seen += hits.size
+        assert seen > 0  # the child did write
+    finally:
+        child.kill()
+        child.wait()
+        os.close(fd)
 
 
 def test_pipe_lock_excludes_another_process():
