@@ -19,9 +19,13 @@ import socket
 import struct
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
 from .helperproc import HelperProcess, child_main, recv_msg
 from .ramblock import TPS
+
+if TYPE_CHECKING:
+    from .postcopy import PostcopyDestination
 
 _ARRIVAL = struct.Struct("<qd")  # page, monotonic time placed
 
@@ -135,7 +139,7 @@ def _serve(ctl: socket.socket) -> dict:
         return report("error", f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e))
 
 
-def _note_arrivals(pc, fd: int) -> None:
+def _note_arrivals(pc: PostcopyDestination, fd: int) -> None:
     """Count the latency of each requested page the VM process placed."""
     for page, when in _read_arrivals(fd, pc.requested.size):
         pc._requested_arrived(page, when)
@@ -149,12 +153,12 @@ def _read_arrivals(fd: int, npages: int) -> list[tuple[int, float]]:
         data = os.read(fd, 256 * _ARRIVAL.size)
     except OSError:  # nothing there (non-blocking), or closed
         return []
-    notes = [(int(p), float(t)) for p, t in _ARRIVAL.iter_unpack(data[:len(data) // _ARRIVAL.size * _ARRIVAL.size])]
-    bad = [p for p, _ in notes if not 0 <= p < npages]
-    if bad or len(data) % _ARRIVAL.size:
-        print(f"livemig: dropped arrival notes (pages {bad[:4]} of {npages}, {len(data)} bytes read)",
-              file=sys.stderr)
-    return [(p, t) for p, t in notes if 0 <= p < npages]
+    whole = len(data) // _ARRIVAL.size * _ARRIVAL.size
+    notes = [(int(p), float(t)) for p, t in _ARRIVAL.iter_unpack(data[:whole]) if 0 <= p < npages]
+    if len(notes) * _ARRIVAL.size != len(data):
+        print(f"livemig: dropped arrival notes ({len(data) // _ARRIVAL.size - len(notes)} outside the "
+              f"{npages} pages of guest RAM, {len(data)} bytes read)", file=sys.stderr)
+    return notes
 
 
 if __name__ == "__main__":
