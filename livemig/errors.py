@@ -15,3 +15,7 @@ class TransportError(MigrationError):
 
 class GuestError(MigrationError):
     """The guest machine (KVM, devices, memory) failed."""
+
+
+class LinkLost(MigrationError):
+    """A connection of the migration broke (or migrate-pause cut it): postcopy can recover."""

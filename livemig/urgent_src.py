@@ -82,7 +82,7 @@ def _serve(ctl: socket.socket) -> dict:
     import numpy as np
 
     from .errors import ProtocolError, TransportError
-    from .outgoing import PageChannel, RamSender, Writer, check_page_request
+    from .ram_send import PageChannel, RamSender, Writer, check_page_request
     from .ramblock import TPS, RamBlock
     from .stats import RamStats
     from .transport import Channel

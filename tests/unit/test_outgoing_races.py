@@ -15,7 +15,8 @@ import pytest
 
 from livemig import state as S
 from livemig.options import MigrationOptions
-from livemig.outgoing import Outgoing, RamSender
+from livemig.outgoing import Outgoing
+from livemig.ram_send import RamSender
 from livemig.transport import parse_uri
 from livemig.wire import returnpath as RP
 

@@ -3,7 +3,7 @@ import mmap
 
 import numpy as np
 
-from livemig.outgoing import RamSender
+from livemig.ram_send import RamSender
 from livemig.ramblock import RamBlock
 from livemig.stats import RamStats
 
@@ -51,7 +51,7 @@ class _Collect:
 
 
 def test_a_batch_bigger_than_the_staging_buffer_goes_in_staging_sized_sends():
-    from livemig.outgoing import BATCH_PAGES, Writer
+    from livemig.ram_send import BATCH_PAGES, Writer
     from livemig.wire import ram as WR
     npages = BATCH_PAGES * 4 + 8
     mem = mmap.mmap(-1, npages * 4096)
@@ -87,7 +87,7 @@ def test_next_batch_wraps_to_dirty_pages_before_the_scan_position():
 def test_batches_shrink_under_a_low_bandwidth_limit():
     """Unlimited: ~4 MiB sends. A low max-bandwidth: at most an eighth of a 100 ms window's
     budget per send (a 1 MiB batch at 10 MB/s overshot its 1 MB window twice over)."""
-    from livemig.outgoing import BATCH_PAGES, MIN_BATCH_PAGES, RATE_WINDOW_S, batch_pages
+    from livemig.ram_send import BATCH_PAGES, MIN_BATCH_PAGES, RATE_WINDOW_S, batch_pages
     from livemig.wire import ram as WR
     assert batch_pages(float("inf")) == BATCH_PAGES == 1024
     budget = 40_000_000 * RATE_WINDOW_S

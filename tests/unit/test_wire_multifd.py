@@ -77,7 +77,7 @@ def test_zero_records_on_the_main_channel_need_a_flush_too():
     """A pass of only zero pages still needs MULTIFD_FLUSH before the next merge: otherwise a later
     copy of such a page on a multifd channel can be stored before the loader reaches the ZERO
     record, which then wipes it."""
-    from livemig.outgoing import PageChannel, Writer
+    from livemig.ram_send import PageChannel, Writer
     from livemig.ramblock import RamBlock
     from livemig.stats import RamStats
 
