@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from livemig.qmp import AfterReply, QMPError, QMPServer, _JSONSplitter
+from livemig.qmp import AfterReply, QMPError, QMPServer
+from livemig.qmp_json import JSONSplitter
 
 # qemu.qmp is a test dependency (.[test]): without it these tests fail, they never skip
 from qemu.qmp import ExecuteError, QMPClient
@@ -411,7 +412,7 @@ def test_oversized_request_raw(tmp_path):
 
 
 def test_default_limit_is_one_mib():
-    sp = _JSONSplitter()
+    sp = JSONSplitter()
     out = sp.feed(b'"' + b"a" * (1 << 20) + b'"')
     assert out == [("err", "JSON token size limit exceeded")]
     assert len(sp.buf) == 0
