@@ -8,7 +8,9 @@ Supported specs:
                                            (dropped when there is none); client input feeds the UART
 
 Output is written as it happens with unbuffered ``os.write``/``send`` so that anything watching the
-file or socket sees each character as soon as the guest writes it.
+file or socket sees each character as soon as the guest writes it. Input is read only as fast as
+the device takes it (its ``room`` callback, QEMU's can_receive): what the guest has not read yet
+waits in the pipe or socket, and nothing typed is lost to a full receive FIFO.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from ..errors import GuestError
 from ..threadname import NamedThread
 
 InputCallback = Callable[[bytes], None]
+RoomCallback = Callable[[float], int]  # room(timeout): bytes the device takes now, after waiting up to timeout s
+ROOM_WAIT_S = 0.05  # a reader with a full device looks again this often (and for close)
+READ_CHUNK = 4096  # input read at once from a backend whose device has no room callback
 
 
 class CharBackend:
@@ -32,10 +37,18 @@ class CharBackend:
 
     def __init__(self) -> None:
         self._on_input: InputCallback | None = None
+        self._room: RoomCallback | None = None
 
-    def set_input_handler(self, cb: InputCallback | None) -> None:
-        """``cb(data)`` is called (from a backend thread) with bytes received for the guest."""
+    def set_input_handler(self, cb: InputCallback | None, room: RoomCallback | None = None) -> None:
+        """``cb(data)`` is called (from a backend thread) with bytes received for the guest, never
+        more than ``room(timeout)`` says the device takes (unlimited without it)."""
         self._on_input = cb
+        self._room = room
+
+    def _space(self, timeout: float) -> int:
+        """How many input bytes to read now (0: the device is full, even after `timeout` s)."""
+        room = self._room
+        return min(READ_CHUNK, room(timeout)) if room is not None else READ_CHUNK
 
     def write(self, data: bytes) -> None:
         pass
@@ -80,16 +93,19 @@ class StdioBackend(CharBackend):
         self._stop = False
         self._thread: threading.Thread | None = None
 
-    def set_input_handler(self, cb: InputCallback | None) -> None:
-        super().set_input_handler(cb)
+    def set_input_handler(self, cb: InputCallback | None, room: RoomCallback | None = None) -> None:
+        super().set_input_handler(cb, room)
         if cb is not None and self._thread is None:
             self._thread = NamedThread(target=self._reader, name="chardev-stdio", daemon=True)
             self._thread.start()
 
     def _reader(self) -> None:
         while not self._stop:
+            n = self._space(ROOM_WAIT_S)
+            if not n:
+                continue
             try:
-                data = os.read(0, 256)
+                data = os.read(0, min(n, 256))
             except OSError:
                 return
             if not data:
@@ -140,10 +156,13 @@ class UnixServerBackend(CharBackend):
         while True:
             fds = [lsock, self._stop_r]
             client = self._client
-            if client is not None:
-                fds.append(client)
+            space = 0
+            if client is not None:  # a full device: its input waits in the socket until the guest reads
+                space = self._space(0) or self._space(ROOM_WAIT_S)
+                if space:
+                    fds.append(client)
             try:
-                ready, _, _ = select.select(fds, [], [])
+                ready, _, _ = select.select(fds, [], [], None if space or client is None else 0)
             except (OSError, ValueError):
                 return
             if self._stop_r in ready:
@@ -160,7 +179,7 @@ class UnixServerBackend(CharBackend):
                     old.close()
             if client is not None and client in ready:
                 try:
-                    data = client.recv(4096)
+                    data = client.recv(space)
                 except BlockingIOError:
                     continue
                 except OSError:

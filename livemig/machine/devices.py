@@ -301,9 +301,10 @@ class Serial16550:
         self.chardev = chardev
         self.irq_handler = irq_handler
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified when the guest frees FIFO space
         self._write = chardev.write
         self.reset()
-        chardev.set_input_handler(self.receive)
+        chardev.set_input_handler(self.receive, self.room)
 
     def reset(self) -> None:
         self.divider = 0x0C
@@ -342,6 +343,18 @@ class Serial16550:
                 h(level)
 
     # -- receive side (called from backend threads) ----------------------------------------
+    def room(self, timeout: float = 0.0) -> int:
+        """Bytes the receive FIFO takes now (QEMU's serial_can_receive), after waiting up to
+        `timeout` s for the guest to read some. Backends feed no more than this, so input the
+        guest is slow to read waits in the backend instead of overrunning the FIFO."""
+        with self._room:
+            self._room.wait_for(lambda: self._room_locked() > 0, timeout)
+            return self._room_locked()
+
+    def _room_locked(self) -> int:
+        cap = RX_FIFO_SIZE if self.fcr & UART_FCR_FE else 1
+        return max(0, cap - len(self.rx))
+
     def receive(self, data: bytes) -> None:
         with self._lock:
             self._receive_locked(data)
@@ -393,6 +406,7 @@ class Serial16550:
                     self.rx.clear()
                     self.lsr &= ~(UART_LSR_DR | UART_LSR_BI)
                 self.fcr = val & 0xC9
+                self._room.notify_all()  # the FIFO was emptied or switched on
                 self.iir = (self.iir & 0x0F) | (UART_IIR_FE if val & UART_FCR_FE else 0)
                 self._update_irq()
             elif off == 3:
@@ -414,6 +428,7 @@ class Serial16550:
                     return self.divider & 0xFF
                 if self.rx:
                     self.rbr = self.rx.popleft()
+                    self._room.notify_all()
                 if not self.rx:
                     self.lsr &= ~(UART_LSR_DR | UART_LSR_BI)
                 self._update_irq()
