@@ -3,6 +3,11 @@
 ``prepare(dir)`` writes ``vmlinux`` (the ELF inside /boot/vmlinuz-*, extracted once) and
 ``initramfs.cpio`` (uncompressed newc: busybox-static, and an /init that prints ``INIT_MARKER``,
 starts a once-a-second counter and runs a shell on the console). Both are cached by content.
+
+The initramfs also holds ``SPIN_INIT``, a 122-byte static program that loops forever without a
+system call. Booted with ``SPIN_APPEND`` it is init on hosts whose KVM cannot run a guest
+kernel's system calls (kvm_pvm, see machine/pvm_compat.py): the kernel stays up with the
+console tty open for init, so typed input is still echoed by the guest's tty.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
 from pathlib import Path
 
 from ..errors import GuestError
@@ -23,6 +29,8 @@ BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 # console=ttyS0: log on the UART; pci=off, acpi=off: the machine has neither; no ACPI or MP table,
 # so the kernel runs on the PIC through the LAPIC's virtual wire. panic=-1 stops instead of hanging.
 DEFAULT_APPEND = "console=ttyS0 earlyprintk=serial,ttyS0 pci=off acpi=off nokaslr panic=-1 rdinit=/init"
+SPIN_INIT = "/bin/spin"
+SPIN_APPEND = DEFAULT_APPEND.replace("rdinit=/init", f"rdinit={SPIN_INIT}")
 
 INIT_SCRIPT = f"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp
@@ -65,6 +73,18 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1, rdev: tup
     return out
 
 
+def spin_program() -> bytes:
+    """A static x86-64 ELF executable whose one instruction jumps to itself (no system call)."""
+    base, ehsize, phsize = 0x400000, 64, 56
+    code = b"\xeb\xfe"  # jmp .
+    size = ehsize + phsize + len(code)
+    ehdr = struct.pack("<4s5B7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0,  # 64-bit, little-endian, SysV
+                       2, 0x3E, 1, base + ehsize + phsize, ehsize, 0,  # ET_EXEC, x86-64, entry, phoff
+                       0, ehsize, phsize, 1, 0, 0, 0)  # one program header, no sections
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD, R+X, the whole file
+    return ehdr + phdr + code
+
+
 def build_initramfs(busybox: bytes, init_script: str = INIT_SCRIPT) -> bytes:
     """An uncompressed newc cpio archive (the kernel unpacks it without running a decompressor)."""
     out = bytearray()
@@ -75,6 +95,8 @@ def build_initramfs(busybox: bytes, init_script: str = INIT_SCRIPT) -> bytes:
     out += _cpio_entry("dev/console", stat.S_IFCHR | 0o600, ino=ino, rdev=(5, 1))
     ino += 1
     out += _cpio_entry("bin/busybox", stat.S_IFREG | 0o755, busybox, ino=ino)
+    ino += 1
+    out += _cpio_entry(SPIN_INIT.lstrip("/"), stat.S_IFREG | 0o755, spin_program(), ino=ino)
     ino += 1
     out += _cpio_entry("init", stat.S_IFREG | 0o755, init_script.encode(), ino=ino)
     out += _cpio_entry("TRAILER!!!", 0, ino=0)

@@ -5,18 +5,21 @@ source --precopy--> A --postcopy--> B --file:--> C. Each step checks that the ke
 carries on (no reboot, printk time continues, no oops) up to a later known line, that the
 source stays paused, and, where the destination can be held before it runs, that every page of
 guest RAM is identical; C then finishes the kernel's boot (``Run /init as init process``). Select
-them with ``-m linux``. The last step, C at the initramfs's busybox shell migrated to D where a
-command typed on D's console (a unix socket) is answered, needs a host whose KVM runs guest user
-space: kvm_pvm (this project's CI machines) does not for a normal kernel; see pvm_compat.
+them with ``-m linux``. C then goes to D, whose console is a unix socket, and a line typed there
+comes back as the guest tty's echo. The last step, D at the initramfs's busybox shell migrated to
+E where a typed command is answered, needs a host whose KVM runs guest user space: kvm_pvm (this
+project's CI machines) does not for a normal kernel (see pvm_compat), so there init is a program
+that spins without a system call (``SPIN_INIT``), which keeps the kernel up and the console open.
 """
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
-import re
-
 from livemig.console_client import ConsoleClient
-from livemig.guest.linux import COUNTER_PREFIX, INIT_MARKER
+from livemig.guest.linux import COUNTER_PREFIX, INIT_MARKER, SPIN_APPEND
 from livemig.machine.pvm_compat import host_is_pvm
 
 from linuxtools import (MEMORY, assert_healthy, assert_log_continues, assert_same_ram,
@@ -34,6 +37,10 @@ POSTCOPY_LATER = b"smp: Brought up 1 node"
 FILE_AT = b"devtmpfs: initialized"
 FILE_LATER = b"NET: Registered PF_NETLINK"
 BOOT_DONE = b"Run /init as init process"  # the kernel's last line before user space
+# init on kvm_pvm, which kills a normal kernel's init at its first system call (see the module doc)
+INIT_ARGS = ["--append", SPIN_APPEND] if host_is_pvm() else []
+BOOT_DONE_PVM = b"Run /bin/spin as init process"
+TYPED_LINE = "livemig typed this line on the destination's console: 0123456789\n"  # > a 16-byte FIFO
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +76,18 @@ def _current(chain) -> VM:
     return vm
 
 
+def _precopy_held(src: VM, dst: VM, what: str) -> None:
+    """Precopy from `src` to `dst`, which is held stopped after it, so that every page of guest RAM
+    can be compared while neither side runs."""
+    dst.cmd("stop")
+    info = migrate(src, dst)
+    assert info["status"] == "completed", info
+    dst.wait_status({"completed"}, timeout=60)
+    print(f"{what}: downtime {info.get('downtime')} ms, total {info.get('total-time')} ms, "
+          f"{info['ram']['transferred'] >> 20} MiB")
+    print(assert_same_ram(src, dst))
+
+
 def _handed_over(src: VM, dst: VM, later: bytes, timeout: float) -> None:
     """The guest runs on `dst` and reaches `later`; `src` is paused and prints nothing more."""
     assert src.cmd("query-status")["status"] == "postmigrate"
@@ -82,7 +101,7 @@ def _handed_over(src: VM, dst: VM, later: bytes, timeout: float) -> None:
 
 
 def test_boot_prints_early_line(chain):
-    src = _vm(chain, "src", boot=linux_boot_args())
+    src = _vm(chain, "src", boot=linux_boot_args() + INIT_ARGS)
     took = wait_output(src, EARLY_LINE, 180)
     print(f"'{EARLY_LINE.decode()}' after {took:.1f} s")
     chain["current"] = src
@@ -92,13 +111,7 @@ def test_precopy_mid_boot(chain):
     src = _current(chain)
     wait_output(src, PRECOPY_AT, 600)
     dst = _dest(chain, "a")
-    dst.cmd("stop")  # held after the migration, so that RAM can be compared page by page
-    info = migrate(src, dst)
-    assert info["status"] == "completed", info
-    dst.wait_status({"completed"}, timeout=30)
-    print(f"precopy: downtime {info.get('downtime')} ms, total {info.get('total-time')} ms, "
-          f"{info['ram']['transferred'] >> 20} MiB")
-    print(assert_same_ram(src, dst))
+    _precopy_held(src, dst, "precopy mid-boot")
     dst.cmd("cont")
     _handed_over(src, dst, PRECOPY_LATER, 300)
     chain["current"] = dst
@@ -149,9 +162,45 @@ def test_save_to_file_and_load_in_fresh_process(chain):
 def test_kernel_finishes_booting_on_the_destination(chain):
     """After three migrations the kernel runs every initcall to its end and starts /init."""
     vm = _current(chain)
-    took = wait_output(vm, BOOT_DONE, 1200)
-    print(f"'{BOOT_DONE.decode()}' {took:.0f} s after the file hop's check")
-    assert_healthy(vm.output().split(BOOT_DONE)[0], vm.name)
+    done = BOOT_DONE_PVM if INIT_ARGS else BOOT_DONE
+    took = wait_output(vm, done, 1200)
+    print(f"'{done.decode()}' {took:.0f} s after the file hop's check")
+    assert_healthy(vm.output().split(done)[0], vm.name)
+
+
+def test_typed_line_echoes_on_the_destination_console(chain):
+    """The booted guest moves to a destination whose console is a unix socket; a line typed there,
+    longer than the UART's FIFO, comes back whole as the echo of the guest's tty, which init holds
+    open: the UART's receive interrupt, its routing and the tty's state all came across, and the
+    console feeds the guest no faster than it reads (nothing lost to an overrun)."""
+    src = _current(chain)
+    if INIT_ARGS:
+        time.sleep(5)  # init spins
+    else:  # a host that runs user space: the initramfs's /init has started its counter and shell
+        wait_output(src, INIT_MARKER.encode(), 1200)
+        wait_output(src, f"{COUNTER_PREFIX} 1\n".encode(), 120)
+    assert b"Kernel panic" not in src.output(), "init died"
+    sock = chain["tmp"] / "d.console"
+    dst = _dest(chain, "d", serial=f"unix:{sock},server=on,wait=off")
+    console = ConsoleClient(sock, dst.serial)
+    try:
+        _precopy_held(src, dst, "precopy after boot")
+        src_out = src.output()
+        start = len(dst.output())
+        dst.cmd("cont")
+        console.type(TYPED_LINE)
+        echo = TYPED_LINE.rstrip("\n").encode() + b"\r\n"  # the tty echoes a newline as CR LF
+        took = wait_output(dst, echo, 300, start=start)
+        print(f"the typed line came back on the destination's console in {took:.1f} s")
+        out = dst.output()
+        assert b"input overrun" not in out, "the UART's receive FIFO overran"
+        assert dst.cmd("query-status")["status"] == "running"
+        assert src.cmd("query-status")["status"] == "postmigrate"
+        assert_healthy(out, dst.name)
+        assert src.output() == src_out, "the source guest ran after migration"
+    finally:
+        console.close()
+    chain["current"] = dst
 
 
 def _counters(out: bytes) -> list[int]:
@@ -166,12 +215,10 @@ def test_shell_answers_on_the_destination_console(chain):
         pytest.skip("this host's /dev/kvm is kvm_pvm: it delivers a guest user-mode system call as a "
                     "PVM event that only a PVM-aware guest kernel handles, so Debian's kernel kills /init "
                     "at its first system call (SYSCALL faults, INT 0x80 is #UD); the shell needs VT-x/AMD-V")
-    src = _current(chain)
-    took = wait_output(src, INIT_MARKER.encode(), 1200)
-    print(f"/init ran {took:.0f} s after the file hop's check")
-    wait_output(src, f"{COUNTER_PREFIX} 1\n".encode(), 120)
-    sock = chain["tmp"] / "d.console"
-    dst = _dest(chain, "d", serial=f"unix:{sock},server=on,wait=off")
+    src = _current(chain)  # /init started on an earlier VM of the chain: its counter goes on here
+    wait_output(src, f"{COUNTER_PREFIX} ".encode(), 120)
+    sock = chain["tmp"] / "e.console"
+    dst = _dest(chain, "e", serial=f"unix:{sock},server=on,wait=off")
     console = ConsoleClient(sock, dst.serial)
     try:
         info = migrate(src, dst)
