@@ -481,6 +481,7 @@ class Serial16550:
                 setattr(self, k, int(d[k]))
             n = min(int(d["rx_count"]), RX_FIFO_SIZE)
             self.rx = deque(bytes(d["rx_fifo"])[:n])
+            self._room.notify_all()
             # re-drive the line from the loaded state
             self.irq_level = 0
             if self.irq_handler is not None:
