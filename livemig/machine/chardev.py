@@ -158,7 +158,7 @@ class UnixServerBackend(CharBackend):
             client = self._client
             space = 0
             if client is not None:  # a full device: its input waits in the socket until the guest reads
-                space = self._space(0) or self._space(ROOM_WAIT_S)
+                space = self._space(ROOM_WAIT_S)  # at once if there is room
                 if space:
                     fds.append(client)
             try:
