@@ -17,15 +17,20 @@ def test_idle_guest_tcp(vms):
     ram = info["ram"]
     assert ram["remaining"] == 0 and ram["total"] == 128 * MiB
     assert ram["duplicate"] > 20000  # untouched RAM goes as zero pages
-    assert ram["normal"] >= 16 * 256
+    # every page goes at least once. How many working-set pages go as data is not fixed: the guest
+    # bumps one byte per page thousands of passes a second, so a page is all zero whenever that byte
+    # wraps (CI once saw 522 data pages); assert_migrated checks every page's content
+    assert ram["normal"] > 0 and ram["normal"] + ram["duplicate"] >= 128 * MiB // 4096, ram
     assert ram["dirty-sync-count"] >= 2
     sw = info["x-livemig-switchover"]  # where the downtime went; passes sent before the stop
     assert 0 <= sw["shrink-passes"] <= 8 and ram["dirty-sync-count"] >= 2 + sw["shrink-passes"], info
     assert sw["pages"] <= 16 * 256 + 16, info  # at most the working set (+ the code's own pages)
     assert_migrated(src, dst, 128 * MiB, 16)
-    statuses = [e["data"]["status"] for e in src.events("MIGRATION")]
+    events = src.events()
+    statuses = [e["data"]["status"] for e in events if e["event"] == "MIGRATION"]
     assert statuses[0] == "setup" and statuses[-1] == "completed" and "device" in statuses, statuses
-    assert src.events("MIGRATION_PASS") or True  # consumed above by events(); order checked by statuses
+    passes = [e["data"]["pass"] for e in events if e["event"] == "MIGRATION_PASS"]
+    assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 2, passes
     assert [e["data"]["status"] for e in dst.events("MIGRATION")][-1] == "completed"
 
 
