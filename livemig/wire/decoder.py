@@ -11,7 +11,6 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from ..errors import ProtocolError
 from . import ram as R
@@ -22,6 +21,10 @@ from .vmstate import VMStateDescription, decode as vmstate_decode
 TPS = R.TARGET_PAGE_SIZE
 _PAGE_MASK = TPS - 1
 _BE64 = struct.Struct(">Q")
+_BE_U64 = np.dtype(">u8")
+_NEED_MORE = object()  # _ram_run: a record is cut at the end of the received bytes
+_MIN_SPLIT = 16  # a contiguous start of a run this long is an event of its own
+_STEPS = np.arange(1024, dtype=np.uint64) * np.uint64(TPS)  # offset steps of a contiguous run
 _CP = R.FLAG_CONTINUE | R.FLAG_PAGE
 _CZ = R.FLAG_CONTINUE | R.FLAG_ZERO
 VMDESC_KEEP = 1 << 20  # bytes of vmdesc JSON kept; the rest is drained
@@ -48,6 +51,7 @@ class Pages:
     block: str
     offsets: np.ndarray  # uint64 byte offsets in the block
     data: np.ndarray  # (n, TPS) uint8 view into the decoder buffer
+    contiguous: bool = False  # offsets[i] == offsets[0] + i * TPS (set by the decoder)
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ class StreamDecoder:
         while True:
             while (ev := self.next_event()) is not None:
                 if isinstance(ev, Pages):
-                    ev = Pages(ev.block, ev.offsets, ev.data.copy())
+                    ev = Pages(ev.block, ev.offsets, ev.data.copy(), ev.contiguous)
                 events.append(ev)
             if not mv:
                 return events
@@ -286,6 +290,8 @@ class StreamDecoder:
             raise ProtocolError("PACKAGED blob ended without POSTCOPY_RUN")
         if self.phase == _RAM:
             fast = self._ram_run()
+            if fast is _NEED_MORE:
+                return None
             if fast is not None:
                 return fast
         limit = self._limit()
@@ -446,7 +452,7 @@ class StreamDecoder:
             data = self._arr[cur.pos:cur.pos + TPS].reshape(1, TPS)
             cur.pos += TPS
             self.last_block = name
-            return Pages(name, off, data)
+            return Pages(name, off, data, True)
         if kind == R.FLAG_XBZRLE:
             raise ProtocolError("XBZRLE pages are not supported (capability xbzrle is off)")
         if kind == R.FLAG_HOOK:
@@ -498,11 +504,15 @@ class StreamDecoder:
         return offset, pos
 
     def _ram_run(self):
-        """Vectorised path: a run of CONTINUE|PAGE or CONTINUE|ZERO records."""
-        n = self._limit() - self.start
-        if n < 8 or self.last_block is None:
+        """Vectorised path: a run of CONTINUE|PAGE or CONTINUE|ZERO records. A few numpy calls per
+        run whatever its length (the loader meets one run per receive)."""
+        start = self.start
+        n = self._limit() - start
+        if n < 8:
+            return _NEED_MORE if self.package_end is None else None
+        if self.last_block is None:
             return None
-        (word,) = struct.unpack_from(">Q", self.buf, self.start)
+        (word,) = _BE64.unpack_from(self.buf, start)
         flags = word & _PAGE_MASK
         if flags == _CP:
             size = R.PAGE_RECORD
@@ -512,31 +522,47 @@ class StreamDecoder:
             return None
         avail = n // size
         if avail < 2:
+            if avail == 0 and self.package_end is None:
+                return _NEED_MORE  # the rest of this record has not arrived yet
             return None  # the single-record path handles it (and Incomplete)
-        rec = as_strided(self._arr[self.start:], shape=(avail, size), strides=(size, 1), writeable=False)
-        words = rec[:, :8].copy().view(">u8")[:, 0]
-        bad = (words & np.uint64(_PAGE_MASK)) != flags
-        k = int(bad.argmax()) if bad.any() else avail
-        offsets = (words[:k] & ~np.uint64(_PAGE_MASK)).astype(np.uint64)
         block = self._block(self.last_block)
         last_ok = block.length - TPS
-        invalid = offsets > np.uint64(last_ok) if last_ok >= 0 else np.ones(k, dtype=bool)
-        if size == R.ZERO_RECORD:
-            invalid |= rec[:k, 8] != 0
-        if invalid.any():
-            # stop the run before the first bad record; the single-record path reports it, with the
-            # same message whatever the chunking
-            k = int(invalid.argmax())
-            if k == 0:
-                return None
-            offsets = offsets[:k]
-        if size == R.ZERO_RECORD:
-            ev = ZeroPages(block.name, offsets)
+        if last_ok < 0:
+            return None
+        words = np.ndarray((avail,), _BE_U64, self.buf, start, (size,))  # header words, in place
+        rec = np.ndarray((avail, size), np.uint8, self.buf, start, (size, 1))
+        # the common case, each record the page after the one before: one comparison checks the
+        # flags and offsets of all of them. m: how many from the first on are so
+        eq = words == (_STEPS[:avail] if avail <= _STEPS.size
+                       else np.arange(avail, dtype=np.uint64) * np.uint64(TPS)) + np.uint64(word)
+        m = int(eq.argmin())
+        if eq[m]:
+            m = avail
+        k = min(m, (last_ok - (word - flags)) // TPS + 1)  # ... and inside the block
+        if (k == avail or k >= _MIN_SPLIT) and (size == R.PAGE_RECORD or not rec[:k, 8].any()):
+            contiguous = True  # the whole run, or a long enough start of it (the rest comes next)
         else:
-            ev = Pages(block.name, offsets, rec[:k, 8:])
+            # scattered pages: a record ends the run if its flags differ or its page lies outside
+            # the block (then the single-record path reports it, with the same message whatever
+            # the chunking)
+            bad = (words & np.uint64(_PAGE_MASK)) != np.uint64(flags)
+            bad |= words > np.uint64(last_ok + flags)
+            if size == R.ZERO_RECORD:
+                bad |= rec[:, 8] != 0
+            k = int(bad.argmax())
+            if not bad[k]:
+                k = avail
+            elif k == 0:
+                return None
+            contiguous = m >= k
+        offsets = words[:k] - np.uint64(flags)
         self.bytes_consumed += k * size
-        self.start += k * size
-        return ev
+        self.start = start + k * size
+        if size == R.ZERO_RECORD:
+            return ZeroPages(block.name, offsets)
+        data = rec[:k, 8:]
+        data.flags.writeable = False
+        return Pages(block.name, offsets, data, contiguous)
 
     # -- commands
     def _command(self, cur: Cursor):

@@ -153,6 +153,55 @@ def test_random_records_round_trip(records, chunk, seed):
     assert isinstance(ev[-1], D.Eof)
 
 
+run = st.tuples(st.sampled_from(["page", "zero"]), st.integers(0, 2), st.integers(0, 70), st.integers(1, 40))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(run, min_size=1, max_size=8), st.integers(500, 20000), st.integers(0, 2**32 - 1))
+def test_runs_of_pages_decode_whole_and_say_when_contiguous(runs, chunk, seed):
+    """Runs of consecutive pages (the decoder's one-comparison path), cut anywhere by the chunking,
+    by a change of kind or block, or by the end of the block (a page past it is refused): every
+    record decodes as encoded, and a Pages event says `contiguous` exactly when it is."""
+    records, past_end = [], False
+    for kind, bi, first, n in runs:
+        npages = BLOCKS[bi].length // TPS
+        for pg in range(first, first + n):
+            if pg >= npages:
+                past_end = True
+                break
+            records.append((kind, bi, pg, True))
+        if past_end:
+            break
+    part, exp = _encode(records, seed)
+    if past_end:  # a CONTINUE record just past the block it continues
+        b = BLOCKS[records[-1][1]] if records else BLOCKS[0]
+        if not records:
+            part += R.page_header(0, R.FLAG_PAGE, b.name) + bytes(TPS)
+            exp.append(("page", b.name, 0, bytes(TPS)))
+        part += R.page_header(b.length, R.FLAG_PAGE, None) + bytes(TPS)
+    stream = _ram_stream(part)
+    dec = D.StreamDecoder(LOCAL, {})
+    ev = []
+    try:
+        for i in range(0, len(stream), chunk):
+            piece = stream[i:i + chunk]
+            dec.space()[:len(piece)] = piece
+            dec.commit(len(piece))
+            while (e := dec.next_event()) is not None:  # one by one: a refused record keeps the rest
+                ev.append(D.Pages(e.block, e.offsets, e.data.copy(), e.contiguous) if isinstance(e, D.Pages) else e)
+        dec.finish()
+    except ProtocolError as e:
+        assert past_end and "outside" in str(e), e
+    else:
+        assert not past_end
+        assert isinstance(ev[-1], D.Eof)
+    assert _pages(ev) == exp
+    for e in ev:
+        if isinstance(e, D.Pages):
+            steps = e.offsets[0] + np.arange(e.offsets.size, dtype=np.uint64) * TPS
+            assert e.contiguous == bool((e.offsets == steps).all()), e.offsets
+
+
 def test_accepted_flag_variants():
     """QEMU strips CONTINUE before dispatching: EOS|CONTINUE ends the chunk, FLUSH|CONTINUE is a flush."""
     head = S.file_header() + S.section_header(S.Section.START, 7, "ram", 0, 4) + R.setup_payload(BLOCKS) + S.section_footer(7)
