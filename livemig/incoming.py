@@ -67,7 +67,7 @@ class Incoming:
         self.vmdesc: bytes | None = None
         self.thread = NamedThread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
         self.populate = True
-        self.populated = 0  # guest RAM's pages below this are allocated (by the prefaulter); 0 after ADVISE
+        self.populated = 0  # guest RAM's pages below this are allocated (by the prefaulter), until ADVISE drops them
         self.prefaulter = None  # background allocation started by the VM process, if any
         self.multifd: MultifdReceiver | None = None
         self.multifd_error: str | None = None
@@ -257,7 +257,7 @@ class Incoming:
         """prepare() of the pages first .. first + n - 1."""
         if self.pc is not None and self.pc.listening:
             raise ProtocolError("multifd pages after POSTCOPY_LISTEN")
-        if self.populate and first + n > self.populated and not self.received[first:first + n].all():
+        if self.populate and not self.received[first:first + n].all():
             self._populate(first, n)
 
     def stored(self, pages: np.ndarray | slice) -> None:
@@ -355,7 +355,7 @@ class Incoming:
             n = idx.size
             first = int(idx[0])
             if ev.contiguous or n == 1 or bool((idx[1:] - idx[:-1] == 1).all()):  # a run of pages
-                if self.populate and first + n > self.populated and not self.received[first]:
+                if self.populate and not self.received[first]:
                     self._populate(first, n)
                 self.block.u8[first:first + n] = ev.data
                 self.nonzero[first:first + n] = True
@@ -505,9 +505,7 @@ class Incoming:
         """Allocate a run of fresh destination pages in one call (far cheaper than faulting them one
         by one); pages below `populated` are allocated already."""
         lo = max(first, self.populated)
-        if lo >= first + n:
-            return
-        if not populate(self.machine.ram_host_addr + lo * TPS, (first + n - lo) * TPS):
+        if lo < first + n and not populate(self.machine.ram_host_addr + lo * TPS, (first + n - lo) * TPS):
             self.populate = False  # kernel older than 5.14: let the copy fault pages in
         elif self.pc is not None and self.pc.minor:
             self.pc.populate_alias(first, n)
@@ -530,8 +528,8 @@ class Incoming:
                                       ram_fd=self.machine.ram_fd, alias=self.machine.take_ram_alias(),
                                       alias_ready=(lambda: pf.ready(alias_addr)) if pf and alias_addr else None,
                                       urgent=urgent, received_fd=self.received_fd)
-        self.pc.advise()
-        self.populated = 0  # advise() dropped guest RAM
+        if self.pc.advise(zero_mapped=self.populated):
+            self.populated = 0  # advise() dropped guest RAM
 
     def _load_devices(self) -> None:
         """Load every device's state (the caller starts the vCPUs)."""

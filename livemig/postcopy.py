@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .errors import GuestError, ProtocolError, TransportError
-from .ramblock import TPS, RamBlock
+from .ramblock import TPS, RamBlock, run_bounds
 from .shm import PipeLock, nonzero_of_shared, shared_array
 from .wire import decoder as D
 from .uffd import UFFD_FEATURE_MINOR_SHMEM, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING, UserFault, probe
@@ -114,6 +114,8 @@ class PostcopyDestination:
         # both processes take
         self.claim_lock: Any = PipeLock() if self.urgent is not None else threading.Lock()
         self.main_placer = Placer(self)
+        self.zero_mapped = 0  # ADVISE kept this many prefaulted zero pages mapped (minor mode)
+        self.discarded = np.zeros(0, dtype=np.bool_)  # ... and of those, the ones discarded since
         self.requests = 0
         self.faults = 0
         self.latencies: list[float] = []  # seconds, every remote fault (vCPU or not): it sent a request
@@ -129,11 +131,19 @@ class PostcopyDestination:
         self.fault_cont_buf = bytearray(32)
 
     # -- before LISTEN (memory is not registered yet)
-    def advise(self) -> None:
-        """ADVISE: every page of guest RAM is dropped; only what the stream brings counts."""
+    def advise(self, zero_mapped: int = 0) -> bool:
+        """ADVISE: only what the stream brings counts. Every page of guest RAM is dropped, except in
+        minor mode when guest RAM holds zeros only (a fresh destination) and `zero_mapped` pages
+        from its start are mapped (prefaulted): those stay mapped, precopy writes into them without
+        mapping them again, and LISTEN unmaps the ones that did not arrive and were not discarded.
+        Returns whether guest RAM was dropped."""
         if self.hp == 1:
             self._madvise(0, self.block.size, MADV_NOHUGEPAGE)  # 4 KiB placement needs 4 KiB pages
-        self._drop(0, self.block.size)
+        self.zero_mapped = zero_mapped if self.minor and zero_mapped and not self.nonzero.any() else 0
+        if self.zero_mapped:
+            self.discarded = np.zeros(self.zero_mapped, dtype=np.bool_)
+        else:
+            self._drop(0, self.block.size)
         self.received[:] = False
         self.nonzero[:] = False
         if self.minor:  # the second mapping, now: precopy populates it along with the guest's
@@ -142,6 +152,7 @@ class PostcopyDestination:
                 self.alias = mmap.mmap(self.ram_fd, self.block.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self.alias_u8 = np.frombuffer(self.alias, dtype=np.uint8).reshape(self.block.npages, TPS)
             self.alias_addr = self.alias_u8.ctypes.data
+        return not self.zero_mapped
 
     def populate_alias(self, first: int, n: int) -> None:
         """Minor mode: map pages [first, first+n) in the second mapping, in one call, so that
@@ -156,6 +167,17 @@ class PostcopyDestination:
             a, b = start // TPS, (start + length) // TPS
             self.received[a:b] = False
             self.nonzero[a:b] = False
+            if self.zero_mapped:
+                self.discarded[a:b] = True
+
+    def _unmap_stale(self) -> None:
+        """LISTEN, when ADVISE kept prefaulted RAM mapped: unmap each page of it that neither
+        arrived nor was discarded (none, from a source that discards every page it did not send),
+        so that the guest faults on it."""
+        n = self.zero_mapped
+        stale = ~(self.received[:n].astype(np.bool_) | self.discarded)
+        for a, b in zip(*run_bounds(stale)):
+            self._drop(int(a) * TPS, int(b - a) * TPS)
 
     def map_zero(self, idx: np.ndarray) -> None:
         """Before LISTEN: map the zero page under pages that arrived as ZERO records, so that
@@ -176,6 +198,8 @@ class PostcopyDestination:
 
     # -- LISTEN
     def listen(self) -> None:
+        if self.zero_mapped:
+            self._unmap_stale()
         self.uffd = UserFault()
         if self.minor:
             assert self.alias is not None, "ADVISE maps the second mapping"

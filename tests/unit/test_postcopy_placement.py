@@ -276,3 +276,64 @@ def test_memfd_guest_ram_without_minor_faults_drops_discarded_pages(monkeypatch)
     pc.finish()
     pc.release()
     os.close(fd)
+
+
+def _mapped(addr: int, npages: int) -> np.ndarray:
+    """Which pages from `addr` this process has mapped (the present bit of /proc/self/pagemap)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // 4096 * 8)
+        entries = np.frombuffer(f.read(npages * 8), np.uint64)
+    return (entries >> np.uint64(63)).astype(bool)
+
+
+@pytest.mark.skipif(not minor_faults_supported(), reason="userfaultfd here has no minor faults on shared memory")
+def test_prefaulted_fresh_ram_stays_mapped_until_listen_unmaps_what_did_not_arrive():
+    """Minor mode, a fresh destination whose RAM is prefaulted: ADVISE keeps it mapped, so precopy
+    writes into it without mapping it again; LISTEN unmaps every page that neither arrived nor
+    was discarded (a source that forgot one must not leave the guest reading zeros), and the
+    guest then faults on those and on the discarded ones."""
+    fd = os.memfd_create("test-ram")
+    os.ftruncate(fd, 64 * 4096)
+    m = mmap.mmap(fd, 64 * 4096, mmap.MAP_SHARED)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    ram = GuestView(np.frombuffer(m, np.uint8).reshape(64, 4096))
+    for i in range(48):  # the prefaulter's prefix
+        ram[i, 0] = 0
+    rec, nz = np.zeros(64, bool), np.zeros(64, bool)
+    pc = PostcopyDestination(RamBlock("pc.ram", m), addr, lambda b: None, rec, nz, lambda: [], ram_fd=fd)
+    assert not pc.advise(zero_mapped=48) and pc.zero_mapped == 48
+    assert _mapped(addr, 64)[:48].all()
+    ram[0:20] = 0x33  # precopy brought pages 0-19 and 40-55
+    ram[40:56] = 0x44
+    rec[0:20] = rec[40:56] = nz[0:20] = nz[40:56] = True
+    pc.discard([(5 * 4096, 2 * 4096)])  # 5 and 6 dirtied since; 20-39 never sent but not discarded
+    pc.listen()
+    expect = np.zeros(64, bool)
+    expect[0:20] = expect[40:56] = True
+    expect[5:7] = False
+    assert (_mapped(addr, 64) == expect).all(), _mapped(addr, 64)
+    pc.place_pages(np.array([5, 6, 25]), np.full((3, 4096), 0x55, np.uint8))
+    assert ram[5, 0] == ram[6, 0] == ram[25, 4095] == 0x55 and ram[7, 0] == 0x33 and ram[41, 9] == 0x44
+    pc.finish()
+    pc.release()
+    os.close(fd)
+
+
+@pytest.mark.skipif(not minor_faults_supported(), reason="userfaultfd here has no minor faults on shared memory")
+def test_advise_drops_ram_that_holds_data():
+    """A destination whose RAM holds data (a page written before the stream) drops it all at ADVISE,
+    prefaulted or not, as QEMU does."""
+    fd = os.memfd_create("test-ram")
+    os.ftruncate(fd, 16 * 4096)
+    m = mmap.mmap(fd, 16 * 4096, mmap.MAP_SHARED)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    ram = GuestView(np.frombuffer(m, np.uint8).reshape(16, 4096))
+    ram[:, 0] = 0
+    ram[2, 0] = 7
+    nz = np.zeros(16, bool)
+    nz[2] = True
+    pc = PostcopyDestination(RamBlock("pc.ram", m), addr, lambda b: None, np.zeros(16, bool), nz, lambda: [], ram_fd=fd)
+    assert pc.advise(zero_mapped=16) and pc.zero_mapped == 0
+    assert not _mapped(addr, 16).any()
+    pc.release()
+    os.close(fd)
