@@ -12,7 +12,6 @@ from typing import Any, Callable
 import numpy as np
 
 from . import state as S
-from .profiling import run_profiled
 from .errors import MigrationError, ProtocolError, TransportError
 from .options import MigrationOptions
 from .multifd import MultifdReceiver
@@ -65,7 +64,7 @@ class Incoming:
         self.run_error: str | None = None
         self.run_lock = threading.Lock()
         self.vmdesc: bytes | None = None
-        self.thread = NamedThread(target=lambda: run_profiled(self._run), name="mig/dst/main", daemon=True)
+        self.thread = NamedThread(target=self._run, name="mig/dst/main", daemon=True)
         self.populate = True
         self.populated = 0  # guest RAM's pages below this are allocated (by the prefaulter), until ADVISE drops them
         self.prefaulter = None  # background allocation started by the VM process, if any

@@ -18,7 +18,6 @@ import time
 from typing import Any, Callable
 
 from . import state as S
-from .profiling import run_profiled
 from .errors import LinkLost, MigrationError, ProtocolError, TransportError
 from .multifd import MultifdSender
 from .options import MigrationOptions
@@ -89,7 +88,7 @@ class Outgoing(PostcopySource, PostcopyRecovery):
         self.error: str | None = None
         self.cancel_requested = False
         self.chan: Channel | None = None
-        self.thread = NamedThread(target=lambda: run_profiled(self._run), name="mig/src/main", daemon=True)
+        self.thread = NamedThread(target=self._run, name="mig/src/main", daemon=True)
         self.switch_lock = threading.Lock()
         self.handed_over = False
         self.eof_sent = False  # the EOF is on its way: a SHUT(0) before it is bad input

@@ -4,6 +4,8 @@ from __future__ import annotations
 import ctypes
 import threading
 
+from .profiling import run_profiled
+
 PR_SET_NAME = 15
 VCPU_THREAD_NAME = "vcpu0"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -21,7 +23,7 @@ class NamedThread(threading.Thread):
 
     def run(self) -> None:
         set_thread_name(self.name)
-        super().run()
+        run_profiled(super().run)  # LIVEMIG_PROFILE=DIR: one cProfile file per thread
 
 
 def is_vcpu_thread(pid: int, tid: int) -> bool:
