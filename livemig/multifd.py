@@ -28,7 +28,8 @@ from .threadname import NamedThread
 if TYPE_CHECKING:
     from .tls import TlsEndpoint
 
-QUEUE_DEPTH = 2  # packets waiting per sender thread
+QUEUE_DEPTH = 2  # jobs waiting per sender thread
+PACKETS_PER_JOB = 4  # packets a sender thread takes at once and sends in one sendmsg
 WAIT_SLICE_S = 0.1
 
 
@@ -57,10 +58,15 @@ class _SendChannel:
     def _run(self) -> None:
         try:
             while (job := self.jobs.get()) is not None:
-                flags, num, idx = job
-                hdr = WM.packet_header(idx.astype(np.uint64) * TPS, num, self.block.name, flags)
-                bufs = [hdr] + (_page_runs(self.block.u8, idx) if idx.size else [])
-                self.chan.sendmsg_all(bufs)
+                flags, num, idx = job  # up to PACKETS_PER_JOB packets, numbered from num
+                offsets = idx.astype(np.uint64) * np.uint64(TPS)
+                bufs: list = []
+                for k, i in enumerate(range(0, max(idx.size, 1), WM.PACKET_PAGES)):
+                    part = idx[i:i + WM.PACKET_PAGES]
+                    bufs.append(WM.packet_header(offsets[i:i + WM.PACKET_PAGES], num + k, self.block.name, flags))
+                    if part.size:
+                        bufs += _page_runs(self.block.u8, part)
+                self.chan.sendmsg_all(bufs)  # the job's packets in one scatter-gather send
                 if flags & WM.FLAG_SYNC:
                     self.synced.release()
         except Exception as e:
@@ -122,13 +128,16 @@ class MultifdSender:
                 continue
 
     def send_pages(self, idx: np.ndarray) -> None:
-        """Queue data pages `idx` (ascending page numbers) in packets of up to 128 pages."""
+        """Queue data pages `idx` (ascending page numbers) in packets of up to 128 pages, up to
+        PACKETS_PER_JOB packets a job (one queue hand-over and one send for all of them)."""
         self._failed()
-        for i in range(0, idx.size, WM.PACKET_PAGES):
-            part = idx[i:i + WM.PACKET_PAGES]
+        step = WM.PACKET_PAGES * PACKETS_PER_JOB
+        for i in range(0, idx.size, step):
+            part = idx[i:i + step]
+            packets = -(-part.size // WM.PACKET_PAGES)
             self._put((0, self.packet_num, part))
-            self.packet_num += 1
-            self.bytes += WM.HEADER_LEN + part.size * TPS
+            self.packet_num += packets
+            self.bytes += WM.HEADER_LEN * packets + part.size * TPS
         self.unsynced = True
 
     def sync(self) -> None:
