@@ -15,7 +15,9 @@ bulk stream runs beside it as livemig's background push does (a source thread se
 chunks as fast as it can, a destination thread receiving them and copying them into memory),
 in the same two processes, so it competes for the cores and for each process's GIL. The third
 case sends the requests on the bulk socket (as a return path shares the main connection): each
-then waits for the socket lock that the bulk sends and receives hold.
+then waits for the socket lock that the bulk sends and receives hold. The fourth adds a process
+that only burns CPU, as the destination's running guest does between its faults (livemig's vCPU
+thread runs KVM_RUN outside the GIL, so it competes for a core, not for the GIL).
 
     python3 bench/fault_floor.py [--pages 20000] [--reps 3]
 """
@@ -140,7 +142,17 @@ def destination(req: socket.socket, pages: socket.socket, bulk: socket.socket | 
     return lat
 
 
-def one(npages: int, load: bool, shared: bool = False) -> dict:
+def _spinner() -> int:
+    """A process that only burns CPU, as a running guest's vCPU does between its faults."""
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            pass
+    return pid
+
+
+def one(npages: int, load: bool, shared: bool = False, spin: bool = False) -> dict:
+    spinner = _spinner() if spin else None
     req_d, req_s = _pair()
     pg_s, pg_d = _pair()
     bulk_s, bulk_d = _pair() if load else (None, None)
@@ -166,6 +178,9 @@ def one(npages: int, load: bool, shared: bool = False) -> dict:
             s.shutdown(socket.SHUT_RDWR)
             s.close()
     os.waitpid(pid, 0)
+    if spinner is not None:
+        os.kill(spinner, 9)
+        os.waitpid(spinner, 0)
     us = np.array(lat) * 1e6
     return {"faults": us.size, "p50": round(float(np.percentile(us, 50)), 1),
             "p99": round(float(np.percentile(us, 99)), 1)}
@@ -176,10 +191,11 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
-    cases = {"nothing beside it": (False, False), "bulk stream beside it": (True, False),
-             "bulk stream, requests on its socket": (True, True)}
-    for name, (load, shared) in cases.items():
-        runs = [one(a.pages, load, shared) for _ in range(a.reps)]
+    cases = {"nothing beside it": (False, False, False), "bulk stream beside it": (True, False, False),
+             "bulk stream, requests on its socket": (True, True, False),
+             "bulk stream and a busy vCPU beside it": (True, False, True)}
+    for name, (load, shared, spin) in cases.items():
+        runs = [one(a.pages, load, shared, spin) for _ in range(a.reps)]
         for r in runs:
             print(f"{name}: {r}", flush=True)
         print(f"  median p50 {statistics.median(r['p50'] for r in runs)} us, "

@@ -277,7 +277,7 @@ class Incoming:
         if not self.rp_open or self.chan is None or not self.chan.bidirectional:
             return
         with self.rp_lock:
-            self.chan.sendall(data)
+            self.chan.send_small(data)
 
     def _announce_preempt_requests(self) -> bool:
         """x-preempt-requests (with postcopy-preempt) is announced only to a source whose stream
@@ -293,7 +293,7 @@ class Incoming:
             self._send_rp(data)
             return
         with self.preempt_send_lock:
-            chan.sendall(data)
+            chan.send_small(data)
 
     def _new_decoder(self) -> D.StreamDecoder:
         """The stream's parser (capabilities are fixed once migrate-incoming ran)."""

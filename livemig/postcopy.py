@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from . import gilcalls
 from .errors import GuestError, ProtocolError, TransportError
 from .ramblock import TPS, RamBlock, run_bounds
 from .shm import PipeLock, nonzero_of_shared, shared_array
@@ -35,8 +36,6 @@ MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.pwrite.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long)
-_libc.pwrite.restype = ctypes.c_ssize_t
 LATENCY_BUCKETS = 24
 # minor mode, PostcopyDestination.claimed: a placer has taken the page on (CLAIMED), its data is in
 # guest RAM's page cache and anyone may map it (WRITTEN; also every page received before LISTEN)
@@ -374,11 +373,11 @@ class PostcopyDestination:
                     self.requests += 1
         for page in stale:
             try:
-                self.uffd.cont(page_of + page * TPS, self.hp * TPS, self.fault_cont_buf)  # EEXIST if mapped
+                self.uffd.cont(page_of + page * TPS, self.hp * TPS, self.fault_cont_buf, hold_gil=True)  # EEXIST if mapped
             except GuestError:
                 pass  # nothing to map there: the fault was not the kernel's to repeat
         for page, vcpu in written:  # its placer has not mapped it yet: no need to wait for that
-            self.uffd.cont(page_of + page * TPS, TPS, self.fault_cont_buf)
+            self.uffd.cont(page_of + page * TPS, TPS, self.fault_cont_buf, hold_gil=True)
             done = time.monotonic()
             with self.lock:
                 self._account(done, done - now, vcpu, local=True)
@@ -582,15 +581,17 @@ class Placer:
             if state == CLAIMED:
                 return  # another placer is writing it; it maps it next
             if not state:
+                # the request path keeps the GIL for these few-µs calls (gilcalls)
                 if pc.pwrite_lone:
-                    if _libc.pwrite(pc.ram_fd, src, TPS, page * TPS) != TPS:
-                        raise GuestError(f"writing page {page} into guest RAM failed: {os.strerror(ctypes.get_errno())}")
+                    if (err := gilcalls.pwrite(pc.ram_fd, src, TPS, page * TPS)) != TPS:
+                        why = os.strerror(-err) if err < 0 else f"{err} bytes written"
+                        raise GuestError(f"writing page {page} into guest RAM failed: {why}")
                 else:
-                    ctypes.memmove(pc.alias_addr + page * TPS, src, TPS)
+                    gilcalls.memmove(pc.alias_addr + page * TPS, src, TPS)
                 pc.claimed[page] = WRITTEN
-            pc.uffd.cont(pc.addr + page * TPS, TPS, self.cont_buf)  # EEXIST if mapped already
+            pc.uffd.cont(pc.addr + page * TPS, TPS, self.cont_buf, hold_gil=True)  # EEXIST if mapped already
         elif not pc.received[page]:
-            pc.uffd.copy(pc.addr + page * TPS, src, TPS, self.copy_buf)
+            pc.uffd.copy(pc.addr + page * TPS, src, TPS, self.copy_buf, hold_gil=True)
         pc.received[page] = True
         pc.nonzero[page] = True
         if pc.requested[page]:

@@ -54,10 +54,12 @@ class Writer:
         self.chan.sendall(data)
         self.sent += memoryview(data).nbytes
 
-    def send_parts(self, *parts) -> None:
-        """Send now, after anything buffered: one scatter-gather send of `parts`."""
+    def send_small(self, data: bytes) -> None:
+        """Send now, after anything buffered: a short message (one page record), keeping the
+        GIL if the socket has room (Channel.send_small)."""
         self.flush()
-        self.sent += self.chan.sendmsg_all(list(parts))
+        self.chan.send_small(data)
+        self.sent += len(data)
 
     def flush(self) -> None:
         if self.buf:
@@ -252,14 +254,14 @@ class PageChannel:
         self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
 
     def send_one(self, page: int) -> None:
-        """One page as one record, sent at once (the common case of a requested 4 KiB page):
-        header and page go out in one scatter-gather send straight from guest RAM."""
+        """One page as one record, sent at once (the common case of a requested 4 KiB page), in
+        one send that keeps the GIL when the socket has room."""
         name = None if self.named else self.block.name
         if self.block.u64[page, 0] or self.block.u8[page].any():
-            self.w.send_parts(WR.page_header(page * TPS, WR.FLAG_PAGE, name), self.block.u8[page])
+            self.w.send_small(WR.page_header(page * TPS, WR.FLAG_PAGE, name) + self.block.u8[page].tobytes())
             self.stats.normal += 1
         else:
-            self.w.send_parts(WR.page_header(page * TPS, WR.FLAG_ZERO, name) + b"\x00")
+            self.w.send_small(WR.page_header(page * TPS, WR.FLAG_ZERO, name) + b"\x00")
             self.stats.duplicate += 1
         self.named = True
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import TransportError
+from .gilcalls import send_some
 
 if TYPE_CHECKING:
     from .tls import TlsEndpoint
@@ -96,6 +97,19 @@ class Channel:
                     mv = mv[n:]
         except OSError as e:
             raise TransportError(f"migration connection failed while sending: {e.strerror or e}") from None
+
+    def send_small(self, data: bytes) -> None:
+        """A short message (a page request, one page record): on a plain socket with room, sent
+        without giving up the GIL (gilcalls); else, or for the rest, as sendall."""
+        if type(self) is Channel and self.sock is not None:
+            try:
+                n = send_some(self.sock, data)
+            except OSError as e:
+                raise TransportError(f"migration connection failed while sending: {e.strerror or e}") from None
+            if n == len(data):
+                return
+            data = data[n:]
+        self.sendall(data)
 
     def recv_into(self, buf) -> int:
         try:

@@ -11,6 +11,7 @@ import os
 import struct
 import time
 
+from . import gilcalls
 from .errors import GuestError
 
 UFFD_API = 0xAA
@@ -78,6 +79,7 @@ class UserFault:
         # non-blocking: the fault thread sleeps in poll(); a fault resolved between poll() and
         # read() leaves the queue, and a blocking read() would then hang
         self.fd = _open_fd(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._msg_buf = bytearray(MSG_SIZE * 16)  # up to 16 fault messages a read
         feats = want_features & supported
         buf = bytearray(struct.pack("<QQQ", UFFD_API, feats, 0))
         try:
@@ -93,6 +95,7 @@ class UserFault:
         self = cls.__new__(cls)
         self.fd = fd
         self.features = 0
+        self._msg_buf = bytearray(MSG_SIZE * 16)
         return self
 
     def register(self, addr: int, length: int, mode: int = UFFDIO_REGISTER_MODE_MISSING) -> None:
@@ -111,13 +114,14 @@ class UserFault:
     def wake(self, addr: int, length: int) -> None:
         fcntl.ioctl(self.fd, UFFDIO_WAKE, struct.pack("<QQ", addr, length))
 
-    def copy(self, dst: int, src: int, length: int, buf: bytearray | None = None) -> int:
+    def copy(self, dst: int, src: int, length: int, buf: bytearray | None = None, hold_gil: bool = False) -> int:
         """UFFDIO_COPY; returns bytes placed. Pages already present end the copy early (EEXIST
         or a partial count with EAGAIN): the caller skips one page and continues. `buf` (40
-        bytes) lets each placing thread use its own argument buffer."""
+        bytes) lets each placing thread use its own argument buffer. `hold_gil`: for a page or
+        a few (gilcalls)."""
         buf = buf if buf is not None else bytearray(40)
         struct.pack_into("<QQQQq", buf, 0, dst, src, length, 0, 0)
-        return self._place(UFFDIO_COPY, buf, 32, "UFFDIO_COPY")
+        return self._place(UFFDIO_COPY, buf, 32, "UFFDIO_COPY", hold_gil)
 
     def zeropage(self, dst: int, length: int, buf: bytearray | None = None) -> int:
         """UFFDIO_ZEROPAGE, with the same partial-result rules as copy(); `buf` is 32 bytes."""
@@ -125,39 +129,51 @@ class UserFault:
         struct.pack_into("<QQQq", buf, 0, dst, length, 0, 0)
         return self._place(UFFDIO_ZEROPAGE, buf, 24, "UFFDIO_ZEROPAGE")
 
-    def cont(self, dst: int, length: int, buf: bytearray | None = None) -> int:
+    def cont(self, dst: int, length: int, buf: bytearray | None = None, hold_gil: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages already under [dst, dst+length) (minor
-        faults), with the same partial-result rules as copy(); `buf` is 32 bytes."""
+        faults), with the same partial-result rules as copy(); `buf` is 32 bytes. `hold_gil`:
+        for a page or a few (gilcalls)."""
         buf = buf if buf is not None else bytearray(32)
         struct.pack_into("<QQQq", buf, 0, dst, length, 0, 0)
-        return self._place(UFFDIO_CONTINUE, buf, 24, "UFFDIO_CONTINUE")
+        return self._place(UFFDIO_CONTINUE, buf, 24, "UFFDIO_CONTINUE", hold_gil)
 
-    def _place(self, request: int, buf: bytearray, result_at: int, what: str) -> int:
+    def _place(self, request: int, buf: bytearray, result_at: int, what: str, hold_gil: bool = False) -> int:
         """Bytes placed from the start of the range: 0 means its first page is present already
         (EEXIST). A short count stops at a page that is present or that failed: the caller asks
         again from there, which tells the two apart. No progress at all with EAGAIN (the address
         space was changing) is retried here."""
+        addr = gilcalls.buffer_address(buf) if hold_gil else 0
         for _ in range(EAGAIN_RETRIES):
             struct.pack_into("<q", buf, result_at, 0)
-            try:
-                fcntl.ioctl(self.fd, request, buf, True)
-            except OSError as e:
-                if e.errno == errno.EEXIST:
+            if hold_gil:
+                err = gilcalls.ioctl(self.fd, request, addr)
+                if err == -errno.EEXIST:
                     return 0
-                if e.errno != errno.EAGAIN:
-                    raise GuestError(f"{what} failed: {e.strerror}") from None
+                if err < 0 and err != -errno.EAGAIN:
+                    raise GuestError(f"{what} failed: {os.strerror(-err)}")
+            else:
+                try:
+                    fcntl.ioctl(self.fd, request, buf, True)
+                except OSError as e:
+                    if e.errno == errno.EEXIST:
+                        return 0
+                    if e.errno != errno.EAGAIN:
+                        raise GuestError(f"{what} failed: {e.strerror}") from None
             (done,) = struct.unpack_from("<q", buf, result_at)
             if done > 0:
                 return done
             time.sleep(0.0001)
         raise GuestError(f"{what} made no progress (EAGAIN {EAGAIN_RETRIES} times)")
 
-    def read_faults(self, max_msgs: int = 16) -> list[tuple[int, int, int]]:
+    def read_faults(self) -> list[tuple[int, int, int]]:
         """Read pending fault messages: [(address, flags, thread id)]; [] when woken otherwise."""
-        try:
-            data = os.read(self.fd, MSG_SIZE * max_msgs)
-        except (InterruptedError, BlockingIOError):
-            return []
+        buf = self._msg_buf
+        n = gilcalls.read_nowait(self.fd, buf)  # the fd is non-blocking: no need to give up the GIL
+        if n < 0:
+            if n in (-errno.EAGAIN, -errno.EINTR):
+                return []
+            raise OSError(-n, os.strerror(-n))
+        data = memoryview(buf)[:n]
         out = []
         for off in range(0, len(data) - MSG_SIZE + 1, MSG_SIZE):
             event, flags, addr, ptid = _MSG.unpack_from(data, off)

@@ -176,10 +176,10 @@ def test_minor_placement_maps_each_piece_before_claiming_the_next(dest):
     seen = []
     cont = pc.uffd.cont
 
-    def spy(dst, length, buf=None):
+    def spy(dst, length, buf=None, **kw):
         first = (dst - pc.addr) // 4096
         seen.append((first, length // 4096, int(np.count_nonzero(pc.claimed[:n]))))
-        return cont(dst, length, buf)
+        return cont(dst, length, buf, **kw)
 
     pc.uffd.cont = spy
     pc.place_pages(np.arange(n), np.arange(n, dtype=np.uint8).repeat(4096).reshape(n, 4096))
@@ -211,9 +211,9 @@ def test_a_requested_page_goes_in_before_the_pages_ahead_of_it(dest):
     for name in ("copy", "cont"):
         real = getattr(pc.uffd, name)
 
-        def spy(dst, *args, real=real):
+        def spy(dst, *args, real=real, **kw):
             placed.append((dst - pc.addr) // 4096)
-            return real(dst, *args)
+            return real(dst, *args, **kw)
         setattr(pc.uffd, name, spy)
     pc.requested[50] = True
     pc.fault_time[50] = (0.0, 0)
