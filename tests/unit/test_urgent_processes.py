@@ -134,6 +134,7 @@ def test_destination_urgent_process_serves_faults(backend):
     pc.advise()
     pc.listen()
     here, there = socket.socketpair()
+    here.settimeout(20)  # a dead urgent process fails the test instead of hanging it
     urgent.give_preempt(there)
     got = {}
 
