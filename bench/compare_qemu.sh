@@ -30,4 +30,6 @@ for mem in ${MEMS:-1G 4G}; do
         --out "$out/${sc}_${mem}" ${PORT:+--port $PORT}) | tee "$out/${sc}_${mem}.txt" || true
   done
 done
+# the CPU target as the issue words it: src + dst CPU s per GiB migrated, livemig / QEMU
+python3 "$here/cpu_per_gib.py" "$out"/*_*/ | tee "$out/cpu_per_gib.md" || true
 echo "results in $out"
