@@ -202,20 +202,20 @@ def main() -> int:
                 med = (lambda k: statistics.median(r[k] for r in ok) if ok and ok[0].get(k) is not None else None)
                 rows.append((rate, rtt, rtt_us, mode, len(ok), len(runs), med("total_ms"),
                              med("downtime_ms"), med("MBps"), med("switch_to_complete_s"), med("p50_us"), med("p99_us"),
-                             med("p50_all_us")))
+                             med("p50_all_us"), med("faults")))
         finally:
             link.close()
     print(f"\n## livemig on emulated links ({args.mem} guest, {args.reps} runs each, medians; "
           f"postcopy switched {args.switch})\n")
     print("| link | added RTT | measured RTT us | mode | completed | total ms | downtime ms | MB/s | switch->complete s "
-          "| remote-fault p50 us | p99 us | p50 / added RTT | p50 / measured RTT | p50 of every fault us (/ measured RTT) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| faults | remote-fault p50 us | p99 us | p50 / added RTT | p50 / measured RTT | p50 of every fault us (/ measured RTT) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = (lambda v, fmt="{:.0f}": "-" if v is None else fmt.format(v))
-    for rate, rtt, rtt_us, mode, nd, nr, tot, down, mbps, sw, p50, p99, p50all in rows:
+    for rate, rtt, rtt_us, mode, nd, nr, tot, down, mbps, sw, p50, p99, p50all, faults in rows:
         ratio = f(p50 / (float(rtt) * 1000) if p50 else None, "{:.1f}x")
         mratio = f(p50 / rtt_us if p50 else None, "{:.1f}x")
         print(f"| {rate} | {rtt} ms | {rtt_us:.0f} | {mode} | {nd}/{nr} | {f(tot)} | {f(down)} | {f(mbps)} "
-              f"| {f(sw, '{:.2f}')} | {f(p50)} | {f(p99)} | {ratio} | {mratio} "
+              f"| {f(sw, '{:.2f}')} | {f(faults)} | {f(p50)} | {f(p99)} | {ratio} | {mratio} "
               f"| {f(p50all)} ({f(p50all / rtt_us if p50all else None, '{:.1f}x')}) |")
     if bad:
         print(f"\n{bad} run(s) FAILED the integrity check or did not complete")
