@@ -22,7 +22,7 @@ _read = _py.read
 _read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 _read.restype = ctypes.c_ssize_t
 _send = _py.send
-_send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
+_send.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _send.restype = ctypes.c_ssize_t
 _pwrite = _py.pwrite
 _pwrite.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long)
@@ -32,8 +32,22 @@ memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, c
     ctypes._memmove_addr)  # type: ignore[attr-defined]
 
 
+_addresses: dict[int, tuple[bytearray, object, int]] = {}  # id(buffer) -> (it, its export, address)
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)  # an int: IntFlag's | costs µs a call
+
+
 def buffer_address(buf: bytearray) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    """Address of `buf`, remembered (the request path asks for the same few buffers at every
+    fault). The remembered export pins the buffer: it cannot be resized, so the address holds."""
+    hit = _addresses.get(id(buf))
+    if hit is not None and hit[0] is buf:
+        return hit[2]
+    if len(_addresses) >= 64:  # transient buffers: forget them all now and then
+        _addresses.clear()
+    c = ctypes.c_char.from_buffer(buf)
+    addr = ctypes.addressof(c)
+    _addresses[id(buf)] = (buf, c, addr)
+    return addr
 
 
 def ioctl(fd: int, request: int, arg_addr: int) -> int:
@@ -54,10 +68,12 @@ def pwrite(fd: int, src: int, length: int, offset: int) -> int:
     return r if r >= 0 else -ctypes.get_errno()
 
 
-def send_some(sock: socket.socket, data: bytes) -> int:
+def send_some(sock: socket.socket, data: bytes | bytearray) -> int:
     """send(2) with MSG_DONTWAIT: how many bytes of `data` went (0 if the socket has no room);
-    OSError on a broken connection. The caller sends the rest the ordinary way."""
-    r = _send(sock.fileno(), data, len(data), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    OSError on a broken connection. The caller sends the rest the ordinary way. A bytearray
+    should be a long-lived one (its address is remembered, see buffer_address)."""
+    ptr = buffer_address(data) if type(data) is bytearray else data
+    r = _send(sock.fileno(), ptr, len(data), _SEND_FLAGS)
     if r >= 0:
         return r
     err = ctypes.get_errno()

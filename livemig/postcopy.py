@@ -128,6 +128,7 @@ class PostcopyDestination:
         self._stop_r, self._stop_w = os.pipe()
         self.fault_thread: threading.Thread | None = None
         self.fault_cont_buf = bytearray(32)
+        self._tids: list[int] = []  # vcpu_tids() as last read (asked again for a thread not in it)
 
     # -- before LISTEN (memory is not registered yet)
     def advise(self, zero_mapped: int = 0) -> bool:
@@ -337,7 +338,7 @@ class PostcopyDestination:
     def handle_faults(self, faults: list[tuple[int, int, int]]) -> bytes:
         """Fault messages -> the page requests to send (one per host page not yet asked for)."""
         now = time.monotonic()
-        tids = self.vcpu_tids()
+        tids = self._tids
         page_of = self.addr
         msgs = []
         written: list[tuple[int, int]] = []  # minor mode: (page, vcpu) whose data is there already
@@ -353,6 +354,8 @@ class PostcopyDestination:
                         stale.append(page)  # since (reclaim): then only a CONTINUE maps it again
                     continue
                 self.faults += 1
+                if tid not in tids:
+                    tids = self._tids = self.vcpu_tids()
                 vcpu = tids.index(tid) if tid in tids else -1
                 if self.minor and self.claimed[page] == WRITTEN:
                     written.append((page, vcpu))
@@ -393,8 +396,9 @@ class PostcopyDestination:
         return len(msgs)
 
     def _block(self, vcpu: int, now: float, nvcpus: int) -> None:
-        self._blocked[vcpu] = self._blocked.get(vcpu, 0) + 1
-        if self._blocked[vcpu] == 1 and sum(1 for v in self._blocked.values() if v) == nvcpus:
+        n = self._blocked.get(vcpu, 0) + 1
+        self._blocked[vcpu] = n
+        if n == 1 and (nvcpus == 1 or sum(1 for v in self._blocked.values() if v) == nvcpus):
             self._all_down_since = now
 
     # -- completion
@@ -500,6 +504,8 @@ class PreemptReader:
             if self.lone and (rec := dec.next_page_record()) is not None:
                 placer.place_one_at(rec[0] // TPS, base + rec[1])
                 self.normal += 1
+                if dec.start == dec.end:  # the receive held just that (the common case)
+                    return True
                 continue
             if (ev := dec.next_event()) is None:
                 return True

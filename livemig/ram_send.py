@@ -6,6 +6,7 @@ of a page request against the block.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ SCAN_WINDOW = 1 << 14  # pages examined per bitmap scan step
 ITERATE_MAX_S = 0.05  # one PART section at most (QEMU's MAX_WAIT)
 RATE_WINDOW_S = 0.1  # max-bandwidth is enforced per 100 ms window
 RAM_SECTION_ID = 0  # the RAM section's id in the stream
+_BE64 = struct.Struct(">Q")
+_CONTINUE_PAGE = WR.FLAG_PAGE | WR.FLAG_CONTINUE
 
 
 def batch_pages(window_budget: float) -> int:
@@ -199,12 +202,13 @@ class RamSender:
     def take_one(self, page: int) -> bool:
         """take() of one page, without building arrays (the common page request): True if it was
         still dirty (now claimed by the caller)."""
+        counters = self.counters
         with self.lock:
-            self.scan = page + 1 if page + 1 < self.block.npages else 0
+            counters[1] = page + 1 if page + 1 < self.block.npages else 0  # the scan goes on after it
             if not self.dirty[page]:
                 return False
             self.dirty[page] = False
-            self.ndirty -= 1
+            counters[0] -= 1  # ndirty
             return True
 
     def send(self, idx: np.ndarray, multifd: MultifdSender | None = None) -> int:
@@ -252,13 +256,22 @@ class PageChannel:
         self.named = False  # CONTINUE context: the first record must carry the block name
         rows = max(BATCH_PAGES, block.page_size // TPS)  # a postcopy batch is at least one host page
         self.staging = np.empty((rows, WR.PAGE_RECORD), dtype=np.uint8)
+        self.record = bytearray(WR.PAGE_RECORD)  # send_one's (pinned: never resized)
+        self.record_page = np.frombuffer(self.record, dtype=np.uint8)[8:]
 
     def send_one(self, page: int) -> None:
         """One page as one record, sent at once (the common case of a requested 4 KiB page), in
         one send that keeps the GIL when the socket has room."""
         name = None if self.named else self.block.name
-        if self.block.u64[page, 0] or self.block.u8[page].any():
-            self.w.send_small(WR.page_header(page * TPS, WR.FLAG_PAGE, name) + self.block.u8[page].tobytes())
+        u8 = self.block.u8
+        if self.block.u64[page, 0] or u8[page].any():
+            if name is None:  # header and page into one reused record buffer: no new objects
+                rec = self.record
+                _BE64.pack_into(rec, 0, page * TPS | _CONTINUE_PAGE)
+                self.record_page[:] = u8[page]
+                self.w.send_small(rec)
+            else:
+                self.w.send_small(WR.page_header(page * TPS, WR.FLAG_PAGE, name) + u8[page].tobytes())
             self.stats.normal += 1
         else:
             self.w.send_small(WR.page_header(page * TPS, WR.FLAG_ZERO, name) + b"\x00")

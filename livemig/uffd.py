@@ -143,8 +143,9 @@ class UserFault:
         again from there, which tells the two apart. No progress at all with EAGAIN (the address
         space was changing) is retried here."""
         addr = gilcalls.buffer_address(buf) if hold_gil else 0
-        for _ in range(EAGAIN_RETRIES):
-            struct.pack_into("<q", buf, result_at, 0)
+        for attempt in range(EAGAIN_RETRIES):
+            if attempt:  # (the caller's pack_into zeroed it for the first)
+                struct.pack_into("<q", buf, result_at, 0)
             if hold_gil:
                 err = gilcalls.ioctl(self.fd, request, addr)
                 if err == -errno.EEXIST:

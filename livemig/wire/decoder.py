@@ -179,6 +179,7 @@ class StreamDecoder:
         self.host_page_size = host_page_size
         self.buf = bytearray(buffer_size)
         self._arr = np.frombuffer(self.buf, dtype=np.uint8)
+        self._addr = self._arr.ctypes.data
         self.start = 0  # first unparsed byte
         self.end = 0  # end of received bytes
         self.bare_ram = bare_ram
@@ -200,7 +201,7 @@ class StreamDecoder:
     @property
     def buffer_address(self) -> int:
         """Address of the receive buffer (fixed for the decoder's life)."""
-        return self._arr.ctypes.data
+        return self._addr
 
     def space(self, min_free: int = 64 << 10) -> memoryview:
         """Writable tail of the buffer for recv_into. Invalidates earlier Pages views."""

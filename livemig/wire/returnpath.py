@@ -131,6 +131,8 @@ class RPDecoder:
     def next_message(self) -> RPMessage | None:
         """One decoded message, or None if more bytes are needed. Raises ProtocolError on bad input."""
         buf = self._buf
+        if len(buf) < 4:  # not even a header (after the last message of a receive, usually)
+            return None
         if len(buf) > _REQ_ID.size:  # a page request, the message that waits on a guest: directly
             t, n, start, length, name_len = _REQ_ID.unpack_from(buf)
             end = 4 + n

@@ -42,6 +42,9 @@ class _Collect:
     def sendall(self, data) -> None:
         self.data += bytes(data)
 
+    def send_small(self, data) -> None:
+        self.data += bytes(data)  # a copy now: the sender may reuse its buffer
+
     def sendmsg_all(self, bufs: list) -> int:
         n = 0
         for b in bufs:
@@ -93,3 +96,32 @@ def test_batches_shrink_under_a_low_bandwidth_limit():
     budget = 40_000_000 * RATE_WINDOW_S
     assert batch_pages(budget) * WR.PAGE_RECORD <= budget / 8 < (batch_pages(budget) + 1) * WR.PAGE_RECORD
     assert batch_pages(1000) == MIN_BATCH_PAGES
+
+
+def test_lone_page_records_decode_on_the_preempt_channel_as_sent():
+    """send_one (a requested page): the first record names the block, later ones reuse one
+    record buffer; a zero page goes as a ZERO record. The preempt channel's decoder reads back
+    every page as it was when sent, even after the buffer is refilled."""
+    from livemig.ram_send import PageChannel, Writer
+    from livemig.wire import decoder as D
+    npages = 16
+    mem = mmap.mmap(-1, npages * 4096)
+    pages = np.frombuffer(mem, np.uint8).reshape(npages, 4096)
+    pages[:] = (np.arange(npages * 4096) % 253 + 1).astype(np.uint8).reshape(npages, 4096)
+    pages[5] = 0
+    chan = _Collect()
+    pc = PageChannel(RamBlock("pc.ram", mem), Writer(chan), RamStats())
+    order = [3, 7, 5, 15, 7]
+    for p in order:
+        pc.send_one(p)
+    assert pc.stats.normal == 4 and pc.stats.duplicate == 1
+    dec = D.StreamDecoder([D.LocalBlock("pc.ram", npages * 4096, 4096)], {}, postcopy=True, bare_ram=True)
+    dec.space()[:len(chan.data)] = chan.data
+    dec.commit(len(chan.data))
+    got = []
+    while (ev := dec.next_event()) is not None:
+        for k, off in enumerate((ev.offsets // 4096).tolist()):
+            got.append((off, bytes(ev.data[k]) if isinstance(ev, D.Pages) else None))
+    assert [p for p, _ in got] == order
+    for p, data in got:
+        assert data == (None if p == 5 else pages[p].tobytes())
