@@ -3,6 +3,7 @@ dirties all its RAM, switched to postcopy after the first pass (or at once, `--s
 
     python3 bench/postcopy_latency.py [--mem 1G] [--reps 3] [--modes main,preempt,preempt-rp] [--backends auto,ram]
                                       [--urgent on,off] [--guest harness|demo] [--switch first-pass|now]
+                                      [--push-bandwidth 20M]
 
 Guests: `harness`, the shared harness's boot sector (it mostly keeps behind the background push,
 so it faults 0 to a few hundred times a run); `demo`, livemig's demo workload, which outruns the
@@ -15,8 +16,14 @@ connection (x-preempt-requests, the default between two livemigs); `preempt-rp` 
 with page requests on the main connection's return path (as QEMU). `--urgent on,off` alternates
 the urgent processes (x-urgent-process on both sides, used in `preempt` mode) with threads.
 
+`--push-bandwidth` sets max-postcopy-bandwidth, which bounds the background push and not the
+requested pages: with a low value (20M) nearly every page is requested, one at a time, and the
+request path is measured by itself, without the push and the loader beside it.
+
 Prints per run and the medians: downtime, switchover -> complete, page requests, destination
-blocktime, and fault -> placement latency p50 / p99 (livemig's own `x-livemig-postcopy`).
+blocktime, fault -> placement latency p50 / p99 (livemig's own `x-livemig-postcopy`), and the
+CPU per fault of each thread on the request path (`/proc/.../schedstat`, sampled every 0.1 s
+while the VMs run; thread mode only: the urgent processes are not sampled).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import argparse
 import statistics
 import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +44,43 @@ GUEST = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest" / "di
 MODES = {"main": (False, False), "preempt": (True, True), "preempt-rp": (True, False)}  # (preempt, requests on it)
 
 
+REQUEST_THREADS = ("mig/dst/fault", "mig/src/preempt", "mig/dst/preempt")  # comm: 15 characters
+
+
+class ThreadCpu:
+    """On-CPU time of named threads of some processes, sampled until stop() (a thread's last
+    sample stands for it after it ends)."""
+
+    def __init__(self, pids: list[int], every: float = 0.1):
+        self.pids, self.every = pids, every
+        self.last: dict[str, tuple[str, int]] = {}  # /proc path of the task -> (comm, ns)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            for pid in self.pids:
+                for task in Path(f"/proc/{pid}/task").glob("*"):
+                    try:
+                        comm = (task / "comm").read_text().strip()
+                        ns = int((task / "schedstat").read_text().split()[0])
+                    except (OSError, ValueError, IndexError):
+                        continue
+                    self.last[str(task)] = (comm, ns)
+
+    def stop(self) -> dict[str, float]:
+        """comm -> CPU seconds (threads of one name summed)."""
+        self._stop.set()
+        self._thread.join()
+        out: dict[str, float] = {}
+        for comm, ns in self.last.values():
+            out[comm] = out.get(comm, 0.0) + ns / 1e9
+        return out
+
+
 def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent: bool = True,
-        guest: str = "harness", now: bool = False) -> dict:
+        guest: str = "harness", now: bool = False, push_bandwidth: int = 0) -> dict:
     preempt, preempt_requests = MODES[mode]
     tmp = Path(tempfile.mkdtemp(prefix="livemig-pclat-"))
     if guest == "demo":
@@ -46,15 +89,19 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
         img = bytearray(GUEST.read_bytes())
         struct.pack_into("<I", img, 0x1F6, 0)  # dirty all RAM
     procs = start_vms(tmp, bytes(img), mem, extra={"dst": ["--memory-backend", backend]})
+    cpu = ThreadCpu([p.pid for p in procs])
     try:
         if guest == "demo":
             wait_workload(tmp, procs[0], 1)
         while not (tmp / "src.log").exists() or (tmp / "src.log").stat().st_size < 2:
             time.sleep(0.05)
+        params = {} if resend else {"x-preempt-resend": False}
+        if push_bandwidth:
+            params["max-postcopy-bandwidth"] = push_bandwidth
         r = run_migration(f"unix:{tmp}/src.qmp", f"unix:{tmp}/dst.qmp", None, 100_000_000_000, None,
                           quiet=True, postcopy=True, preempt=preempt, preempt_requests=preempt_requests,
-                          urgent_process=urgent, postcopy_now=now,
-                          params=None if resend else {"x-preempt-resend": False})
+                          urgent_process=urgent, postcopy_now=now, params=params or None)
+        threads = cpu.stop()
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
         status = s["status"]
@@ -66,8 +113,11 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
                 "requests": s.get("ram", {}).get("postcopy-requests"), "blocktime": d.get("postcopy-blocktime"),
                 "p50": pc.get("p50-us"), "p99": pc.get("p99-us"), "path": pc.get("fault-path"),
                 "faults": pc.get("faults"), "mapped_at_fault": pc.get("mapped-at-fault"),
-                "mapped_p50": pc.get("mapped-at-fault-p50-us")}
+                "mapped_p50": pc.get("mapped-at-fault-p50-us"),
+                "cpu_per_fault_us": {t: round(threads[t] * 1e6 / pc["faults"], 1) for t in REQUEST_THREADS
+                                     if t in threads and pc.get("faults")}}
     finally:
+        cpu.stop()
         stop_vms(tmp, procs)
 
 
@@ -82,6 +132,8 @@ def main() -> None:
     ap.add_argument("--guest", default="harness", choices=("harness", "demo"))
     ap.add_argument("--switch", default="first-pass", choices=("first-pass", "now"),
                     help="switch to postcopy after the first pass, or right after `migrate`")
+    ap.add_argument("--push-bandwidth", type=parse_size, default=0,
+                    help="max-postcopy-bandwidth (e.g. 20M): a slow push leaves the request path by itself")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if not modes or any(m not in MODES for m in modes):
@@ -91,7 +143,8 @@ def main() -> None:
     for _ in range(a.reps):
         for run in runs:
             mode, backend, urgent = run.split("/")
-            r = one(a.mem, mode, not a.no_resend, backend, urgent == "on", a.guest, a.switch == "now")
+            r = one(a.mem, mode, not a.no_resend, backend, urgent == "on", a.guest, a.switch == "now",
+                    a.push_bandwidth)
             results[run].append(r)
             print(f"{run:15s}", r, flush=True)
     print(f"\nmedians over {a.reps} runs, {a.mem} {a.guest} guest dirtying all RAM, switched {a.switch}:")
@@ -99,7 +152,9 @@ def main() -> None:
         ok = [r for r in rs if r["status"] == "completed" and r["p50"] is not None]
         med = {k: statistics.median([r[k] for r in ok]) for k in ("downtime", "switch_to_complete_s", "requests",
                                                                "blocktime", "p50", "p99")} if ok else {}
-        print(f"  {mode:15s}: {len(ok)}/{len(rs)} ok  {med}")
+        cpu = {t: statistics.median([r["cpu_per_fault_us"][t] for r in ok if t in r["cpu_per_fault_us"]])
+               for t in REQUEST_THREADS if any(t in r["cpu_per_fault_us"] for r in ok)}
+        print(f"  {mode:15s}: {len(ok)}/{len(rs)} ok  {med}" + (f"  CPU us per fault {cpu}" if cpu else ""))
 
 
 if __name__ == "__main__":
