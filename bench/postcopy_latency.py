@@ -115,7 +115,7 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
                 "faults": pc.get("faults"), "mapped_at_fault": pc.get("mapped-at-fault"),
                 "mapped_p50": pc.get("mapped-at-fault-p50-us"),
                 "cpu_per_fault_us": {t: round(threads[t] * 1e6 / pc["faults"], 1) for t in REQUEST_THREADS
-                                     if t in threads and pc.get("faults")}}
+                                     if t in threads and pc.get("faults") and pc.get("fault-path") == "threads"}}
     finally:
         cpu.stop()
         stop_vms(tmp, procs)
