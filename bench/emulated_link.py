@@ -162,7 +162,7 @@ def one(link: Link, delay_ms: float, mem: str, postcopy: bool, preempt: bool = F
         if relay is not None:
             relay.kill()
             relay.wait()
-        stop_vms(tmp, procs)
+        stop_vms(tmp, procs, remove=True)
 
 
 def main() -> int:

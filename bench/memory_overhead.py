@@ -119,7 +119,7 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         stop.set()
-        stop_vms(tmp, procs)
+        stop_vms(tmp, procs, remove=True)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
                                      if t in threads and pc.get("faults") and pc.get("fault-path") == "threads"}}
     finally:
         cpu.stop()
-        stop_vms(tmp, procs)
+        stop_vms(tmp, procs, remove=True)
 
 
 def main() -> None:

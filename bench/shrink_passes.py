@@ -38,7 +38,7 @@ def one(mem: str, ws_mib: int, passes: int | None, bandwidth: int) -> dict:
             out["integrity"] = "ok" if ok else f"FAILED: {why}"
         return out
     finally:
-        stop_vms(tmp, procs)
+        stop_vms(tmp, procs, remove=True)
 
 
 def main() -> int:

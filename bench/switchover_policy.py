@@ -53,7 +53,7 @@ def one(mem: str, ws_mib: int, mode: str, budget: int, cap: float) -> dict:
             out["integrity"] = "ok" if ok else f"FAILED: {why}"
         return out
     finally:
-        stop_vms(tmp, procs)
+        stop_vms(tmp, procs, remove=True)
 
 
 def _size(mem: str) -> int:

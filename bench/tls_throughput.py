@@ -54,7 +54,7 @@ def one_run(mem: str, ws: int, tls: bool, multifd: int) -> dict:
         return {"mbs": s["ram"]["transferred"] / busy / 1e6, "total": s["total-time"], "setup": s["setup-time"],
                 "downtime": s["downtime"], "src_cpu": cpu[0], "dst_cpu": cpu[1]}
     finally:
-        stop_vms(tmp, procs)
+        stop_vms(tmp, procs, remove=True)
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -471,8 +472,9 @@ def verify_migrated(tmp: Path, memory: int, ws_mib: int) -> tuple[bool, str]:
     return ok, why + f"; guest running on the destination, source {st}"
 
 
-def stop_vms(tmp: Path, procs: list) -> None:
-    """`quit` the demo's two VMs over QMP (src.qmp, dst.qmp in `tmp`); kill what does not exit."""
+def stop_vms(tmp: Path, procs: list, remove: bool = False) -> None:
+    """`quit` the demo's two VMs over QMP (src.qmp, dst.qmp in `tmp`); kill what does not exit;
+    with `remove`, delete `tmp` afterwards (benchmarks: the demo keeps its work dir to look at)."""
     from .qmpclient import QMPClient
     for n in ("src", "dst"):
         try:
@@ -484,6 +486,9 @@ def stop_vms(tmp: Path, procs: list) -> None:
             p.wait(timeout=10)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- main
