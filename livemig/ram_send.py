@@ -6,7 +6,6 @@ of a page request against the block.
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +28,6 @@ SCAN_WINDOW = 1 << 14  # pages examined per bitmap scan step
 ITERATE_MAX_S = 0.05  # one PART section at most (QEMU's MAX_WAIT)
 RATE_WINDOW_S = 0.1  # max-bandwidth is enforced per 100 ms window
 RAM_SECTION_ID = 0  # the RAM section's id in the stream
-_BE64 = struct.Struct(">Q")
-_CONTINUE_PAGE = WR.FLAG_PAGE | WR.FLAG_CONTINUE
 
 
 def batch_pages(window_budget: float) -> int:
@@ -267,7 +264,7 @@ class PageChannel:
         if self.block.u64[page, 0] or u8[page].any():
             if name is None:  # header and page into one reused record buffer: no new objects
                 rec = self.record
-                _BE64.pack_into(rec, 0, page * TPS | _CONTINUE_PAGE)
+                WR.continue_page_header_into(rec, page * TPS)
                 self.record_page[:] = u8[page]
                 self.w.send_small(rec)
             else:

@@ -62,6 +62,11 @@ def multifd_flush() -> bytes:
     return _BE64.pack(FLAG_MULTIFD_FLUSH)
 
 
+def continue_page_header_into(buf: bytearray, offset: int) -> None:
+    """page_header(offset, FLAG_PAGE, None) written at the start of `buf` (a reused record)."""
+    _BE64.pack_into(buf, 0, offset | FLAG_PAGE | FLAG_CONTINUE)
+
+
 def page_header(offset: int, flags: int, block: str | None) -> bytes:
     """Header of one record; `block` None means CONTINUE (same block as the last record)."""
     if block is None:
