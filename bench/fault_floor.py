@@ -19,7 +19,11 @@ then waits for the socket lock that the bulk sends and receives hold. The fourth
 that only burns CPU, as the destination's running guest does between its faults (livemig's vCPU
 thread runs KVM_RUN outside the GIL, so it competes for a core, not for the GIL).
 
-    python3 bench/fault_floor.py [--pages 20000] [--reps 3]
+`--placing own,spin` moves the placement into the fault thread, which then waits for its own
+page (blocked in recv, or spinning on a non-blocking read that keeps the GIL): one thread fewer
+on the destination's side of the round trip.
+
+    python3 bench/fault_floor.py [--pages 20000] [--reps 3] [--placing thread,own,spin] [--cases 1,4]
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import time
 
 import numpy as np
 
+from livemig import gilcalls
 from livemig.uffd import UserFault
 
 TPS = 4096
@@ -85,7 +90,8 @@ def source(req: socket.socket, pages: socket.socket, bulk: socket.socket | None)
         pages.sendall(out)
 
 
-def destination(req: socket.socket, pages: socket.socket, bulk: socket.socket | None, npages: int) -> list[float]:
+def destination(req: socket.socket, pages: socket.socket, bulk: socket.socket | None, npages: int,
+                placing: str = "thread") -> list[float]:
     mem = mmap.mmap(-1, npages * TPS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
     ctypes.CDLL(None).madvise(ctypes.c_void_p(base), ctypes.c_size_t(npages * TPS), MADV_NOHUGEPAGE)
@@ -116,6 +122,29 @@ def destination(req: socket.socket, pages: socket.socket, bulk: socket.socket | 
                 page = (addr - base) // TPS
                 fault_at[page] = time.monotonic()
                 req.sendall(REQ.pack(page))
+                if placing != "thread":
+                    take(placing == "spin")
+
+    own = bytearray(8 + TPS)
+    own_addr = gilcalls.buffer_address(own)
+    own_arg = bytearray(40)
+
+    def take(spin: bool) -> None:
+        """The fault thread waits for its own page: blocked in recv, or spinning on it."""
+        got = 0
+        while got < len(own):
+            if spin:
+                n = gilcalls._read(pages.fileno(), own_addr + got, len(own) - got)
+                if n < 0:
+                    continue
+            else:
+                n = pages.recv_into(memoryview(own)[got:])
+            if n == 0:
+                raise EOFError
+            got += n
+        (page,) = REQ.unpack_from(own)
+        uffd.copy(base + page * TPS, own_addr + 8, TPS, own_arg)
+        lat.append(time.monotonic() - fault_at[page])
 
     def placer() -> None:
         buf = bytearray(8 + TPS)
@@ -131,8 +160,11 @@ def destination(req: socket.socket, pages: socket.socket, bulk: socket.socket | 
         except (OSError, EOFError):
             pass
 
+    if placing == "spin":
+        pages.setblocking(False)
     threading.Thread(target=faults, daemon=True).start()
-    threading.Thread(target=placer, daemon=True).start()
+    if placing == "thread":
+        threading.Thread(target=placer, daemon=True).start()
     word = ctypes.c_uint64()
     for i in range(npages):  # the "vCPU": each read faults and waits for its page
         ctypes.memmove(ctypes.addressof(word), base + i * TPS, 8)
@@ -151,7 +183,7 @@ def _spinner() -> int:
     return pid
 
 
-def one(npages: int, load: bool, shared: bool = False, spin: bool = False) -> dict:
+def one(npages: int, load: bool, shared: bool = False, spin: bool = False, placing: str = "thread") -> dict:
     spinner = _spinner() if spin else None
     req_d, req_s = _pair()
     pg_s, pg_d = _pair()
@@ -172,7 +204,7 @@ def one(npages: int, load: bool, shared: bool = False, spin: bool = False) -> di
     for s in {req_s, pg_s, bulk_s}:
         if s is not None:
             s.close()
-    lat = destination(req_d, pg_d, bulk_d, npages)
+    lat = destination(req_d, pg_d, bulk_d, npages, placing)
     for s in {req_d, pg_d, bulk_d}:
         if s is not None:
             s.shutdown(socket.SHUT_RDWR)
@@ -190,16 +222,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pages", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--placing", default="thread",
+                    help="comma list: thread (a page thread places, as livemig), own (the fault "
+                         "thread waits in recv for its page and places it), spin (the same, spinning)")
+    ap.add_argument("--cases", help="comma list of case numbers (1-4) to run; all by default")
     a = ap.parse_args()
     cases = {"nothing beside it": (False, False, False), "bulk stream beside it": (True, False, False),
              "bulk stream, requests on its socket": (True, True, False),
              "bulk stream and a busy vCPU beside it": (True, False, True)}
-    for name, (load, shared, spin) in cases.items():
-        runs = [one(a.pages, load, shared, spin) for _ in range(a.reps)]
-        for r in runs:
-            print(f"{name}: {r}", flush=True)
-        print(f"  median p50 {statistics.median(r['p50'] for r in runs)} us, "
-              f"median p99 {statistics.median(r['p99'] for r in runs)} us\n", flush=True)
+    pick = {int(c) for c in a.cases.split(",")} if a.cases else set(range(1, 5))
+    for k, (name, (load, shared, spin)) in enumerate(cases.items(), 1):
+        if k not in pick:
+            continue
+        for placing in a.placing.split(","):
+            runs = [one(a.pages, load, shared, spin, placing) for _ in range(a.reps)]
+            label = name if placing == "thread" else f"{name}, placed by the fault thread ({placing})"
+            for r in runs:
+                print(f"{label}: {r}", flush=True)
+            print(f"  median p50 {statistics.median(r['p50'] for r in runs)} us, "
+                  f"median p99 {statistics.median(r['p99'] for r in runs)} us\n", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -48,12 +48,12 @@ REQUEST_THREADS = ("mig/dst/fault", "mig/src/preempt", "mig/dst/preempt")  # com
 
 
 class ThreadCpu:
-    """On-CPU time of named threads of some processes, sampled until stop() (a thread's last
-    sample stands for it after it ends)."""
+    """On-CPU time and times scheduled in (schedstat) of named threads of some processes,
+    sampled until stop() (a thread's last sample stands for it after it ends)."""
 
     def __init__(self, pids: list[int], every: float = 0.1):
         self.pids, self.every = pids, every
-        self.last: dict[str, tuple[str, int]] = {}  # /proc path of the task -> (comm, ns)
+        self.last: dict[str, tuple[str, int, int]] = {}  # /proc path of the task -> (comm, ns, runs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -64,18 +64,19 @@ class ThreadCpu:
                 for task in Path(f"/proc/{pid}/task").glob("*"):
                     try:
                         comm = (task / "comm").read_text().strip()
-                        ns = int((task / "schedstat").read_text().split()[0])
+                        ns, _wait, runs = map(int, (task / "schedstat").read_text().split()[:3])
                     except (OSError, ValueError, IndexError):
                         continue
-                    self.last[str(task)] = (comm, ns)
+                    self.last[str(task)] = (comm, ns, runs)
 
-    def stop(self) -> dict[str, float]:
-        """comm -> CPU seconds (threads of one name summed)."""
+    def stop(self) -> dict[str, tuple[float, int]]:
+        """comm -> (CPU seconds, times scheduled in), threads of one name summed."""
         self._stop.set()
         self._thread.join()
-        out: dict[str, float] = {}
-        for comm, ns in self.last.values():
-            out[comm] = out.get(comm, 0.0) + ns / 1e9
+        out: dict[str, tuple[float, int]] = {}
+        for comm, ns, runs in self.last.values():
+            cpu, n = out.get(comm, (0.0, 0))
+            out[comm] = (cpu + ns / 1e9, n + runs)
         return out
 
 
@@ -104,6 +105,7 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
         threads = cpu.stop()
         s, d = r["source"], r["destination"]
         pc = d.get("x-livemig-postcopy", {})
+        mine = [t for t in REQUEST_THREADS if t in threads and pc.get("faults") and pc.get("fault-path") == "threads"]
         status = s["status"]
         if guest == "demo" and status == "completed":
             ok, why = verify_migrated(tmp, parse_size(mem), 0)
@@ -114,8 +116,8 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
                 "p50": pc.get("p50-us"), "p99": pc.get("p99-us"), "path": pc.get("fault-path"),
                 "faults": pc.get("faults"), "mapped_at_fault": pc.get("mapped-at-fault"),
                 "mapped_p50": pc.get("mapped-at-fault-p50-us"),
-                "cpu_per_fault_us": {t: round(threads[t] * 1e6 / pc["faults"], 1) for t in REQUEST_THREADS
-                                     if t in threads and pc.get("faults") and pc.get("fault-path") == "threads"}}
+                "cpu_per_fault_us": {t: round(threads[t][0] * 1e6 / pc["faults"], 1) for t in mine},
+                "runs_per_fault": {t: round(threads[t][1] / pc["faults"], 2) for t in mine}}
     finally:
         cpu.stop()
         stop_vms(tmp, procs, remove=True)
@@ -154,7 +156,10 @@ def main() -> None:
                                                                "blocktime", "p50", "p99")} if ok else {}
         cpu = {t: statistics.median([r["cpu_per_fault_us"][t] for r in ok if t in r["cpu_per_fault_us"]])
                for t in REQUEST_THREADS if any(t in r["cpu_per_fault_us"] for r in ok)}
-        print(f"  {mode:15s}: {len(ok)}/{len(rs)} ok  {med}" + (f"  CPU us per fault {cpu}" if cpu else ""))
+        runs_ = {t: statistics.median([r["runs_per_fault"][t] for r in ok if t in r["runs_per_fault"]])
+                 for t in cpu}
+        print(f"  {mode:15s}: {len(ok)}/{len(rs)} ok  {med}" +
+              (f"  CPU us per fault {cpu}, times scheduled in per fault {runs_}" if cpu else ""))
 
 
 if __name__ == "__main__":
