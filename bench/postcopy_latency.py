@@ -53,7 +53,8 @@ class ThreadCpu:
 
     def __init__(self, pids: list[int], every: float = 0.1):
         self.pids, self.every = pids, every
-        self.last: dict[str, tuple[str, int, int]] = {}  # /proc path of the task -> (comm, ns, runs)
+        # /proc path of the task -> (comm, ns on CPU, times scheduled in, times it gave up the CPU)
+        self.last: dict[str, tuple[str, int, int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -65,18 +66,21 @@ class ThreadCpu:
                     try:
                         comm = (task / "comm").read_text().strip()
                         ns, _wait, runs = map(int, (task / "schedstat").read_text().split()[:3])
+                        st = (task / "status").read_text()
+                        vol = int(st.split("voluntary_ctxt_switches:")[1].split()[0])
                     except (OSError, ValueError, IndexError):
                         continue
-                    self.last[str(task)] = (comm, ns, runs)
+                    self.last[str(task)] = (comm, ns, runs, vol)
 
-    def stop(self) -> dict[str, tuple[float, int]]:
-        """comm -> (CPU seconds, times scheduled in), threads of one name summed."""
+    def stop(self) -> dict[str, tuple[float, int, int]]:
+        """comm -> (CPU seconds, times scheduled in, voluntary switches), threads of one name
+        summed."""
         self._stop.set()
         self._thread.join()
-        out: dict[str, tuple[float, int]] = {}
-        for comm, ns, runs in self.last.values():
-            cpu, n = out.get(comm, (0.0, 0))
-            out[comm] = (cpu + ns / 1e9, n + runs)
+        out: dict[str, tuple[float, int, int]] = {}
+        for comm, ns, runs, vol in self.last.values():
+            cpu, n, v = out.get(comm, (0.0, 0, 0))
+            out[comm] = (cpu + ns / 1e9, n + runs, v + vol)
         return out
 
 
@@ -117,7 +121,8 @@ def one(mem: str, mode: str, resend: bool = True, backend: str = "auto", urgent:
                 "faults": pc.get("faults"), "mapped_at_fault": pc.get("mapped-at-fault"),
                 "mapped_p50": pc.get("mapped-at-fault-p50-us"),
                 "cpu_per_fault_us": {t: round(threads[t][0] * 1e6 / pc["faults"], 1) for t in mine},
-                "runs_per_fault": {t: round(threads[t][1] / pc["faults"], 2) for t in mine}}
+                "runs_per_fault": {t: round(threads[t][1] / pc["faults"], 2) for t in mine},
+                "sleeps_per_fault": {t: round(threads[t][2] / pc["faults"], 2) for t in mine}}
     finally:
         cpu.stop()
         stop_vms(tmp, procs, remove=True)
@@ -156,10 +161,11 @@ def main() -> None:
                                                                "blocktime", "p50", "p99")} if ok else {}
         cpu = {t: statistics.median([r["cpu_per_fault_us"][t] for r in ok if t in r["cpu_per_fault_us"]])
                for t in REQUEST_THREADS if any(t in r["cpu_per_fault_us"] for r in ok)}
-        runs_ = {t: statistics.median([r["runs_per_fault"][t] for r in ok if t in r["runs_per_fault"]])
-                 for t in cpu}
+        per = {k: {t: statistics.median([r[k][t] for r in ok if t in r[k]]) for t in cpu}
+               for k in ("runs_per_fault", "sleeps_per_fault")}
         print(f"  {mode:15s}: {len(ok)}/{len(rs)} ok  {med}" +
-              (f"  CPU us per fault {cpu}, times scheduled in per fault {runs_}" if cpu else ""))
+              (f"  CPU us per fault {cpu}, times scheduled in per fault {per['runs_per_fault']}, "
+               f"of them after sleeping {per['sleeps_per_fault']}" if cpu else ""))
 
 
 if __name__ == "__main__":
