@@ -119,6 +119,7 @@ class Outgoing(PostcopySource, PostcopyRecovery):
         self._rp_last_block: str | None = None
         self.preempt: PageChannel | None = None  # postcopy-preempt channel, while open
         self.preempt_chan: Channel | None = None
+        self.preempt_bytes = 0  # bytes sent on preempt connections closed so far
         self.preempt_requests = False  # the destination sends page requests on the preempt channel too
         self.preempt_requests_served = 0  # requests that came that way (to this process's threads)
         self.urgent: UrgentSource | None = None  # serves them instead, in a process of its own
@@ -435,7 +436,8 @@ class Outgoing(PostcopySource, PostcopyRecovery):
         end = self._rate_window_start + RATE_WINDOW_S
         while (left := end - time.monotonic()) > 0 and not self.cancel_requested:
             if urgent is not None:
-                if urgent.wait(min(left, 0.01)) and self.requests:
+                urgent.wait(min(left, 0.01))
+                if self.requests:
                     return  # queued page requests ignore the rate limit
             else:
                 time.sleep(min(left, 0.01))

@@ -110,7 +110,7 @@ class PostcopySource:
         self.eof_sent = True  # from here SHUT(0) is a legal answer
         w.write(WS.eof())
         w.flush()
-        extra = getattr(self, "preempt_bytes", 0)
+        extra = self.preempt_bytes
         self.stats.postcopy_bytes = self._sent() - self.stats.precopy_bytes + extra
         self.stats.transferred = self._sent() + extra
         self._await_shut("in postcopy")
@@ -171,15 +171,18 @@ class PostcopySource:
     def _serve_requests(self) -> bool:
         """Send every queued requested page that is still dirty; True if any request was taken."""
         took = False
+        if self.requests:
+            self.wakeup.clear()  # before the drain: a request queued from here on sets it again
+        hp = self.sender.host_pages
         while self.requests:
             start, length = self.requests.popleft()
             took = True
-            idx = self.sender.take(start // TPS, length // TPS)
-            if idx.size:
-                self.sender.send(idx)
+            for first in range(start // TPS, (start + length) // TPS, hp):  # a host page at a time:
+                idx = self.sender.take(first, hp)  # its ZERO and PAGE records go together
+                if idx.size:
+                    self.sender.send(idx)
         if took:
             self.writer.flush()
-            self.wakeup.clear()
         return took
 
     def _shrink_send_buffer(self) -> None:
@@ -231,11 +234,12 @@ class PostcopySource:
         if end.get("unable"):
             print(f"livemig: urgent process not used: {end['unable']}", file=sys.stderr, flush=True)
             urgent.close()
+            self._count_urgent(end)  # what it sent before it stopped
             self.urgent = self.urgent_thread = self.urgent_end = None  # this thread serves from here on
             with self.preempt_lock:
                 self.preempt = PageChannel(self.sender.block, Writer(chan), self.stats)
             if self.preempt_requests:
-                self._preempt_rp_loop(chan)
+                self._preempt_rp_loop(chan, bytes.fromhex(end.get("leftover", "")))
             return
         if end["op"] == "error" and not self.rp_error and self.state.status not in S.FINISHED:
             self.rp_error = end["error"]
@@ -257,31 +261,38 @@ class PostcopySource:
                     pass
             t.join(timeout=5)
         urgent.close()
-        end = self.urgent_end or {}
-        self.preempt_bytes = getattr(self, "preempt_bytes", 0) + end.get("bytes", 0)
+        self._count_urgent(self.urgent_end or {})
+        self.urgent_end = None
+
+    def _count_urgent(self, end: dict) -> None:
+        """Add what the urgent process sent (its final report) to the migration's figures."""
+        self.preempt_bytes += end.get("bytes", 0)
         self.stats.normal += end.get("normal", 0)
         self.stats.duplicate += end.get("duplicate", 0)
-        self.urgent_end = None
 
     def _start_preempt_reader(self, chan: Channel) -> None:
         if self.preempt_requests:
             NamedThread(target=self._preempt_rp_loop, args=(chan,), name="mig/src/preempt-return",
                              daemon=True).start()
 
-    def _preempt_rp_loop(self, chan: Channel) -> None:
+    def _preempt_rp_loop(self, chan: Channel, leftover: bytes = b"") -> None:
         """mig/src/preempt-return (x-preempt-requests): page requests that the destination sends
         on the preempt connection, answered on it at once; they never wait for the main socket,
-        which the background push keeps busy. Page requests only; anything else fails."""
+        which the background push keeps busy. Page requests only; anything else fails.
+        `leftover`: bytes of requests an urgent process read but did not answer."""
         dec = RPW.RPDecoder()
+        dec.feed(leftover)
         buf = bytearray(1 << 12)
         try:
-            while (n := chan.recv_into(buf)):
-                dec.feed(memoryview(buf)[:n])
+            while True:
                 while (msg := dec.next_message()) is not None:
                     if not isinstance(msg, RPW.ReqPages):
                         raise ProtocolError(f"postcopy-preempt channel: unexpected {type(msg).__name__} message")
                     self.preempt_requests_served += 1
                     self._queue_request(msg)
+                if not (n := chan.recv_into(buf)):
+                    break
+                dec.feed(memoryview(buf)[:n])
         except ProtocolError as e:
             self.rp_error = str(e)
             if self.chan is not None:
@@ -291,7 +302,10 @@ class PostcopySource:
 
     def _close_preempt(self) -> None:
         if self.urgent is not None:
-            self.urgent.finish()
+            try:
+                self.urgent.finish()
+            except OSError:
+                pass  # it has ended already; _close_urgent takes its figures
             assert self.urgent_thread is not None
             self.urgent_thread.join(timeout=30)
             if self.urgent_thread.is_alive():
@@ -304,7 +318,7 @@ class PostcopySource:
             raise LinkLost("the postcopy-preempt channel is stuck (destination not reading)")
         try:
             self.preempt.w.flush()
-            self.preempt_bytes = self.preempt.w.position
+            self.preempt_bytes += self.preempt.w.position
             self.preempt_chan.shutdown_write()
             self.preempt = None
         finally:

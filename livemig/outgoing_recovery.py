@@ -53,6 +53,8 @@ class PostcopyRecovery:
             self.rp_thread.join(timeout=10)
         self._close_urgent()  # its connection is down: it has ended; threads serve the next one
         with self.preempt_lock:
+            if self.preempt is not None:  # what went on the broken connection still counts
+                self.preempt_bytes += self.preempt.w.position
             self.preempt = None
         for c in (self.chan, self.preempt_chan):
             if c is not None:

@@ -221,6 +221,11 @@ class RamSender:
             if self.take_one(first) or resend:
                 chan.send_one(first)
             return
+        hp = self.block.page_size // TPS
+        if 1 < hp < count:  # several huge pages: one at a time, so each one's records go together
+            for h in range(first, first + count, hp):
+                self.send_requested(chan, h, hp, resend)
+            return
         idx = self.take(first, count)
         if not idx.size:
             if not resend:

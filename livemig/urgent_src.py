@@ -147,7 +147,13 @@ def _serve(ctl: socket.socket) -> dict:
                     last = check_page_request(req, block, last)
                     sender.counters[SERVED] += 1
                     if remote is not None:
-                        remote.read(req.start, req.length)
+                        try:
+                            remote.read(req.start, req.length)
+                        except OSError as e:  # not the link: the VM's threads take the channel over,
+                            # from this request on (the bytes it and the rest came in, handed back)
+                            left = RPW.req_pages(req.start, req.length, req.block) + dec.pending()
+                            return {**report(), "unable": f"reading guest RAM failed: {e}",
+                                    "leftover": left.hex()}
                     sender.send_requested(chan, req.start // TPS, req.length // TPS, resend)
                     if remote is not None:
                         remote.drop(req.start, req.length)

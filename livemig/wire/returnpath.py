@@ -128,6 +128,10 @@ class RPDecoder:
     def feed(self, data: bytes | memoryview) -> None:
         self._buf += data
 
+    def pending(self) -> bytes:
+        """The bytes fed but not decoded yet (another decoder can take over from here)."""
+        return bytes(self._buf)
+
     def next_message(self) -> RPMessage | None:
         """One decoded message, or None if more bytes are needed. Raises ProtocolError on bad input."""
         buf = self._buf

@@ -125,3 +125,30 @@ def test_lone_page_records_decode_on_the_preempt_channel_as_sent():
     assert [p for p, _ in got] == order
     for p, data in got:
         assert data == (None if p == 5 else pages[p].tobytes())
+
+
+def test_a_request_for_two_huge_pages_sends_each_whole():
+    """A request covering two 2 MiB host pages, each with zero and data pages: all records of the
+    first host page come before any of the second (the destination assembles one at a time)."""
+    from livemig.ram_send import PageChannel, Writer
+    from livemig.wire import decoder as D
+    hp, npages = 512, 1024
+    mem = mmap.mmap(-1, npages * 4096)
+    pages = np.frombuffer(mem, np.uint8).reshape(npages, 4096)
+    pages[::3] = 7  # every third page holds data, the rest are zero pages
+    block = RamBlock("pc.ram", mem, hp * 4096)
+    sender = RamSender(block, None, RamStats())
+    sender.dirty[:] = True
+    sender.ndirty = npages
+    chan = _Collect()
+    sender.send_requested(PageChannel(block, Writer(chan), RamStats()), 0, npages, resend=False)
+    dec = D.StreamDecoder([D.LocalBlock("pc.ram", npages * 4096, hp * 4096)], {}, postcopy=True,
+                          bare_ram=True, buffer_size=len(chan.data) + 4096)
+    dec.space()[:len(chan.data)] = chan.data
+    dec.commit(len(chan.data))
+    seen = []
+    while (ev := dec.next_event()) is not None:
+        seen += (ev.offsets // 4096).tolist()
+    assert sorted(seen) == list(range(npages)) and not sender.ndirty
+    host = [p // hp for p in seen]
+    assert host == sorted(host)  # never back to the first host page once the second has begun

@@ -149,3 +149,24 @@ def test_malformed_page_requests_are_refused():
 def test_preempt_requests_has_no_payload():
     with pytest.raises(ProtocolError, match="PREEMPT_REQUESTS has length 4, expected 0"):
         decode_all(struct.pack(">HH", 0x4C4D, 4) + b"\x00" * 4)
+
+
+def test_a_second_decoder_takes_over_from_the_pending_bytes():
+    """An urgent process that stops mid-stream hands back what it read but did not decode; a
+    decoder fed those bytes first, then the rest of the stream, reads every message in order."""
+    data = b"".join(RP.req_pages(p * 4096, 4096, "pc.ram") for p in range(5))
+    first = RP.RPDecoder()
+    first.feed(data[:len(data) // 2 + 3])  # two messages and part of a third
+    assert [first.next_message(), first.next_message(), first.next_message()] == \
+        [RP.ReqPages(0, 4096, "pc.ram"), RP.ReqPages(4096, 4096, "pc.ram"), None]
+    second = RP.RPDecoder()
+    second.feed(first.pending())
+    second.feed(data[len(data) // 2 + 3:])
+    assert decode_rest(second) == [RP.ReqPages(p * 4096, 4096, "pc.ram") for p in range(2, 5)]
+
+
+def decode_rest(dec: RP.RPDecoder) -> list:
+    out = []
+    while (m := dec.next_message()) is not None:
+        out.append(m)
+    return out
