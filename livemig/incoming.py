@@ -578,13 +578,14 @@ class Incoming:
         back its figures; this process's own fault thread serves what faults come after."""
         urgent.give_preempt(chan.sock)
         end = urgent.wait()
-        late = urgent.drain_arrivals()
         if end.get("stats") is not None:
-            pc.merge(end["stats"])
+            pc.merge(end["stats"])  # no more arrival notes once it returns, so the drain gets all
             self.stats.normal += end.get("normal", 0)
             self.stats.duplicate += end.get("duplicate", 0)
-        else:
-            pc.urgent = None
+        else:  # it ended without a report (killed): what it had claimed and not written goes back
+            pc.stop_urgent_notes()
+            pc.release_claims()
+        late = urgent.drain_arrivals()
         for page, when in late:
             pc._requested_arrived(page, when)
         if pc.fault_thread is None and self.state.status not in S.FINISHED:

@@ -14,8 +14,10 @@ import ctypes
 import mmap
 import os
 import select
+import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -292,11 +294,11 @@ class PostcopyDestination:
     def _requested_arrived(self, page: int, now: float | None = None) -> None:
         """A requested page is placed: its fault latency counts (where the fault was read)."""
         now = time.monotonic() if now is None else now
-        urgent = self.urgent
-        if urgent is not None:
-            urgent.arrived(page, now)
-            return
-        with self.lock:
+        with self.lock:  # as merge() takes it: a note is either drained after it or not written
+            urgent = self.urgent
+            if urgent is not None:
+                urgent.arrived(page, now)
+                return
             if self.requested[page]:
                 self.requested[page] = False
                 t0, vcpu = self.fault_time.pop(page, (now, -1))
@@ -328,7 +330,13 @@ class PostcopyDestination:
                 faults = self.uffd.read_faults()
             except OSError:
                 return
-            msgs = self.handle_faults(faults)
+            try:
+                msgs = self.handle_faults(faults)
+            except Exception:  # a bug: say where, and keep serving faults (these pages still come
+                traceback.print_exc()  # with the background push); a dead thread would go unseen
+                print("livemig: postcopy fault thread: the error above left some faults unrequested",
+                      file=sys.stderr, flush=True)
+                continue
             if msgs:
                 try:
                     self.send_rp(msgs)
@@ -402,11 +410,28 @@ class PostcopyDestination:
             self._all_down_since = now
 
     # -- completion
+    def release_claims(self) -> int:
+        """Minor mode, after a placer died (the urgent process killed): pages it claimed but never
+        wrote may be claimed again. Returns how many. (A page another placer is writing right
+        now may be released too; then two placers write the same bytes: postcopy pages are final.)"""
+        if not self.claimed.size:
+            return 0
+        with self.claim_lock:
+            stuck = np.flatnonzero((self.claimed == CLAIMED) & ~self.received)  # private arrays
+            self.claimed[stuck] = 0
+        return int(stuck.size)
+
+    def stop_urgent_notes(self) -> None:
+        """From here on this process counts requested pages itself (no more arrival notes)."""
+        with self.lock:
+            self.urgent = None
+
     def close_urgent(self) -> None:
         """Stop the urgent process, if one still runs (completion, failure)."""
         if self._urgent_proc is not None:
+            self.stop_urgent_notes()
             self._urgent_proc.close()
-            self._urgent_proc = self.urgent = None
+            self._urgent_proc = None
         for fd in self.shared_fds:
             try:
                 os.close(fd)
@@ -590,6 +615,7 @@ class Placer:
                 # the request path keeps the GIL for these few-µs calls (gilcalls)
                 if pc.pwrite_lone:
                     if (err := gilcalls.pwrite(pc.ram_fd, src, TPS, page * TPS)) != TPS:
+                        pc.claimed[page] = 0  # not written: another placer may take it on
                         why = os.strerror(-err) if err < 0 else f"{err} bytes written"
                         raise GuestError(f"writing page {page} into guest RAM failed: {why}")
                 else:

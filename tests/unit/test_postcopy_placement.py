@@ -337,3 +337,30 @@ def test_advise_drops_ram_that_holds_data():
     assert not _mapped(addr, 16).any()
     pc.release()
     os.close(fd)
+
+
+@pytest.mark.parametrize("dest", ["UFFDIO_CONTINUE"], indirect=True)
+def test_a_lone_page_that_fails_to_write_is_not_left_claimed(dest):
+    """Minor mode: if writing a lone page into guest RAM fails, the error says so and the page is
+    not left claimed, so the copy that comes next is placed (a claimed page is skipped forever)."""
+    from livemig.errors import GuestError
+    from livemig.postcopy import CLAIMED
+    pc, ram, rec = dest
+    page = np.full(4096, 9, np.uint8)
+    pc.pwrite_lone, ram_fd = True, pc.ram_fd
+    pc.ram_fd = os.open("/dev/null", os.O_RDONLY)  # pwrite fails: EBADF
+    try:
+        with pytest.raises(GuestError, match="writing page 12 into guest RAM failed"):
+            pc.main_placer.place_one_at(12, page.ctypes.data)
+    finally:
+        os.close(pc.ram_fd)
+        pc.ram_fd = ram_fd
+    assert pc.claimed[12] == 0 and not rec[12]
+    pc.main_placer.place_one_at(12, page.ctypes.data)
+    assert rec[12] and (ram[12] == 9).all()
+    pc.claimed[[20, 21]] = CLAIMED  # a placer that died: claimed, never written
+    pc.place_pages(np.array([21]), np.full((1, 4096), 4, np.uint8))  # skipped: 21 looks taken
+    assert not rec[21] and pc.release_claims() == 2
+    pc.place_pages(np.array([20, 21]), np.full((2, 4096), 4, np.uint8))
+    assert rec[20:22].all() and (ram[20] == 4).all() and (ram[21] == 4).all()
+    assert pc.release_claims() == 0  # written pages stay as they are
