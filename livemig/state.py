@@ -20,7 +20,9 @@ TRANSITIONS: dict[str, set[str]] = {
     POSTCOPY_PAUSED: {POSTCOPY_RECOVER_SETUP, POSTCOPY_RECOVER, FAILED},
     POSTCOPY_RECOVER_SETUP: {POSTCOPY_RECOVER, POSTCOPY_PAUSED, FAILED},
     POSTCOPY_RECOVER: {POSTCOPY_ACTIVE, POSTCOPY_PAUSED, FAILED},
-    CANCELLING: {CANCELLED, FAILED, COMPLETED},  # COMPLETED: the cancel came after the destination's SHUT(0)
+    # COMPLETED: the cancel came after the destination's SHUT(0); DEVICE: it came after the stream
+    # (or the postcopy package) was queued whole, so it does not take (the destination decides)
+    CANCELLING: {CANCELLED, FAILED, COMPLETED, DEVICE},
     COMPLETED: set(),
     FAILED: set(),
     CANCELLED: set(),

@@ -208,3 +208,66 @@ def test_requests_taking_the_last_pages_end_the_push_cleanly(monkeypatch):
     dst.conn.sendall(RP.shut(0))  # after the EOF: done
     out.thread.join(20)
     assert out.state.status == S.COMPLETED, (out.state.status, out.error)
+
+
+class _CancelOnEntry:
+    """The switch lock, with a migrate_cancel landing (from another thread) just before the
+    migration thread takes it once the whole stream is queued."""
+
+    def __init__(self, out: Outgoing):
+        self.out, self.lock, self.fired = out, threading.Lock(), False
+        self.armed = lambda: out.eof_sent  # precopy: the stream's end is queued
+
+    def __enter__(self):
+        out = self.out
+        if not self.fired and threading.current_thread() is out.thread and self.armed():
+            self.fired = True
+            t = threading.Thread(target=out.cancel)
+            t.start()
+            t.join()
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_a_cancel_after_the_whole_stream_is_queued_does_not_run_the_guest_twice():
+    """migrate_cancel between the last flush and the hand-over: the destination has the whole
+    stream and starts the guest, so the cancel must lose (completed on SHUT(0)), never end
+    'cancelled' with the source's copy resumed as well."""
+    def serve(conn: socket.socket) -> None:
+        while conn.recv(1 << 20):  # the whole stream, then the source's FIN (its cancel)
+            pass
+        conn.sendall(RP.shut(0))
+
+    dst = FakeDestination(serve)
+    vm = StandInVM()
+    out = outgoing(vm, dst.uri)
+    out.switch_lock = _CancelOnEntry(out)
+    out.start()
+    out.thread.join(20)
+    assert out.switch_lock.fired and not out.thread.is_alive()
+    assert out.state.status == S.COMPLETED, (out.state.status, out.error)
+    assert not vm.running and vm.events == ["pause"]
+
+
+def test_a_cancel_after_the_postcopy_package_is_queued_does_not_resume_the_source():
+    """The same race at the switch to postcopy: once the package is queued whole the destination
+    may run the guest, so the cancel loses (postcopy goes on, refusing cancels from then on) and
+    the source's copy stays paused."""
+    dst = FakeDestination()
+    vm = StandInVM(dirty=(0,))
+    out = outgoing(vm, dst.uri, caps=("postcopy-ram",), **{"downtime-limit": 0})
+    lock = out.switch_lock = _CancelOnEntry(out)
+    lock.armed = lambda: out.in_postcopy
+    out.start()
+    time.sleep(0.2)
+    out.start_postcopy()
+    deadline = time.monotonic() + 10
+    while out.state.status not in S.IN_POSTCOPY | S.FINISHED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lock.fired and out.state.status in S.IN_POSTCOPY, out.state.status
+    time.sleep(0.3)  # the source's cancel shut its sends down: postcopy pauses, never cancels
+    assert out.state.status != S.CANCELLED and "resume" not in vm.events and not vm.running
+    with pytest.raises(Exception, match="Postcopy migration in progress"):
+        out.cancel()
