@@ -486,9 +486,8 @@ class Incoming:
             if self.state.status != S.POSTCOPY_DEVICE:
                 return  # failed meanwhile: the guest must not start
             if self.on_started:
-                self.on_started()
+                self.on_started()  # starts the guest and says RESUME, unless it is to stay paused
             self.running_guest = True
-            self.emit("RESUME", None)
             self.state.set(S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE)
 
     def _join_run_thread(self) -> None:
@@ -630,8 +629,6 @@ class Incoming:
             self.pc.release()
         if (alias := self.machine.take_ram_alias()) is not None:
             alias.close()  # no postcopy came: the second mapping of guest RAM is not needed
-        if not self.running_guest:
-            self.emit("RESUME", None)
         self._close()
 
     def _send_shut_ok(self) -> None:

@@ -373,10 +373,13 @@ class VMProcess:
         inc.start()
 
     def _incoming_started(self) -> None:
+        """The migration brought the guest in: it runs now, unless `stop` (or -S) asked for it to
+        stay paused until `cont` (as QEMU: RESUME only when it starts)."""
         with self.lock:
             if self.autostart:
                 self.machine.start()
                 self.runstate = "running"
+                self.emit("RESUME", None)
             else:
                 self.runstate = "paused"
 

@@ -148,3 +148,23 @@ def test_a_migrated_guest_migrates_on(vms):
     info = migrate(b, c)
     assert info["status"] == "completed", info
     assert_migrated(b, c, 128 * MiB, 8)
+
+
+def test_a_destination_stopped_before_the_migration_waits_for_cont(vms):
+    """`stop` on a waiting destination (QEMU's -S): the migrated guest stays paused there, with no
+    RESUME event, until `cont` starts it (RESUME then); nothing is lost meanwhile."""
+    src = vms("src", memory="64M", ws_mib=8)
+    dst = vms("dst", memory="64M", incoming="defer")
+    assert dst.cmd("query-status")["status"] == "inmigrate"
+    dst.cmd("stop")
+    src.wait_passes(2)
+    info = migrate(src, dst)
+    assert info["status"] == "completed", info
+    assert dst.wait_status({"completed", "failed"}, timeout=30)["status"] == "completed"
+    assert dst.cmd("query-status")["status"] == "paused"
+    before = len(dst.output())
+    time.sleep(0.5)
+    assert len(dst.output()) == before and not dst.events("RESUME"), "the paused guest ran"
+    dst.cmd("cont")
+    assert len(dst.events("RESUME")) == 1
+    assert_migrated(src, dst, 64 * MiB, 8)
