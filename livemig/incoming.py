@@ -218,6 +218,7 @@ class Incoming:
                 if magic == WS.MAGIC.to_bytes(4, "big") and self.chan is None:
                     self.chan = ch
                 elif magic == WM.MAGIC.to_bytes(4, "big"):
+                    ch.peek(WM.INIT_LEN, CHANNELS_TIMEOUT_S)  # the whole init packet, or give up
                     init = bytearray(WM.INIT_LEN)
                     if not ch.recv_exact_into([init]):
                         raise ProtocolError("multifd: channel closed before its init packet")

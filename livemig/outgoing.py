@@ -340,7 +340,7 @@ class Outgoing(PostcopySource, PostcopyRecovery):
         left, fits = self.sender.ndirty * TPS, bw * self.opts.param("downtime-limit") / 1000
         if left <= fits:
             return left / bw
-        if rate >= bw:
+        if rate >= bw or fits <= 0:  # downtime-limit 0: nothing left ever fits
             return math.inf
         r = rate / bw
         passes = math.ceil(math.log(fits / left) / math.log(r)) if r > 0 else 1

@@ -117,6 +117,8 @@ class JSONSplitter:
                 return ("err", "JSON parse error, invalid keyword '%s'" % text)
             msg = exc.msg[:1].lower() + exc.msg[1:]
             return ("err", "JSON parse error, %s" % msg)
+        except ValueError:  # an integer of more digits than Python converts (4300)
+            return ("err", "JSON parse error, number too long")
 
     def _lex_error(self, b: int, out: list) -> None:
         self._reset()

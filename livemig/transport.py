@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -155,11 +156,19 @@ class Channel:
     def peek(self, n: int, timeout: float) -> bytes:
         """The first `n` bytes the peer sent, left in the socket (how channels are told apart)."""
         assert self.sock is not None
-        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         try:
-            data = self.sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+            while True:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = self.sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+                if len(data) >= n or not data:
+                    break
+                if time.monotonic() >= deadline:  # a unix socket's peek returns what is there
+                    raise socket.timeout
+                time.sleep(0.005)
         except socket.timeout:
-            raise TransportError(f"a migration connection sent nothing for {timeout:.0f} s") from None
+            raise TransportError(f"a migration connection sent nothing for {timeout:.0f} s" if n <= 4 else
+                                 f"a migration connection sent less than {n} bytes in {timeout:.0f} s") from None
         except OSError as e:
             raise TransportError(f"migration connection failed while receiving: {e.strerror or e}") from None
         finally:

@@ -169,3 +169,21 @@ def test_discard_not_in_whole_huge_pages_fails(dest):
                              + (4096).to_bytes(8, "big") + (4096).to_bytes(8, "big")))
     assert wait_for(inc, {S.FAILED}) == S.FAILED
     assert "not in whole host pages" in inc.error, inc.error
+
+
+def test_a_multifd_channel_that_stalls_in_its_init_packet_fails_the_migration(dest, monkeypatch):
+    """A peer that sends multifd's magic and then nothing: the destination gives up after the
+    channel timeout with a clear error, instead of waiting for the rest of the packet forever."""
+    import livemig.incoming as incoming
+    from livemig.wire import multifd as WM
+    monkeypatch.setattr(incoming, "CHANNELS_TIMEOUT_S", 1.0)
+    inc, vm, src = dest(caps=("multifd",))
+    src.sendall(WS.file_header())
+    stalled = socket.socket(socket.AF_UNIX)
+    stalled.connect(inc.uri.path)
+    stalled.sendall(WM.MAGIC.to_bytes(4, "big"))
+    try:
+        assert wait_for(inc, {S.FAILED}, timeout=10) == S.FAILED
+        assert "less than" in (inc.error or ""), inc.error
+    finally:
+        stalled.close()

@@ -271,3 +271,16 @@ def test_a_cancel_after_the_postcopy_package_is_queued_does_not_resume_the_sourc
     assert out.state.status != S.CANCELLED and "resume" not in vm.events and not vm.running
     with pytest.raises(Exception, match="Postcopy migration in progress"):
         out.cancel()
+
+
+def test_precopy_eta_with_a_zero_downtime_limit_is_endless_not_an_error():
+    """downtime-limit 0 with a switchover budget: nothing ever fits, so precopy never ends (the
+    policy switches to postcopy); the estimate must say so, not fail the migration."""
+    import math
+    from types import SimpleNamespace
+    out = outgoing(StandInVM(), "tcp:127.0.0.1:1", **{"downtime-limit": 0})
+    out.sender = SimpleNamespace(ndirty=50)
+    out.last_pass = (1.0, 100 * 4096, 10)  # the link sends 100 pages a second, the guest dirties 10
+    assert out._precopy_eta() == math.inf
+    out.opts.set_parameters({"downtime-limit": 300})
+    assert 0 < out._precopy_eta() < math.inf

@@ -369,6 +369,9 @@ def test_malformed_and_non_object_input_raw(unix_server):
         "JSON parse error, duplicate key"
     assert raw.cmd("}\n")["error"]["desc"].startswith("JSON parse error")
     assert raw.cmd("nan\n")["error"]["desc"] == "JSON parse error, invalid keyword 'nan'"
+    # an integer longer than Python converts is an error reply, not a dropped connection
+    assert raw.cmd('{"execute": "echo", "arguments": {"n": %s}}\n' % ("9" * 5000)) == \
+        gerr("JSON parse error, number too long")
     # an unterminated request is flushed by a control character, as the QMP spec says
     raw.send('{"execute": "echo", "arguments": {"s": ')
     assert raw.cmd(b"\x01")["error"]["desc"].startswith("JSON parse error")
