@@ -411,9 +411,9 @@ class Outgoing(PostcopySource, PostcopyRecovery):
                 break
         w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
         w.flush()
+        if throttled:  # before _account, which would start a new window with its quota unused
+            self._wait_rate_window(limit)
         self._account()
-        if throttled:
-            self._wait_rate_window()
 
     def _account(self) -> None:
         now = time.monotonic()
@@ -432,7 +432,9 @@ class Outgoing(PostcopySource, PostcopyRecovery):
         if now - self._rate_window_start >= RATE_WINDOW_S:
             self._rate_window_start, self._rate_bytes0 = now, self._sent()
 
-    def _wait_rate_window(self, urgent: threading.Event | None = None) -> None:
+    def _wait_rate_window(self, limit: float, urgent: threading.Event | None = None) -> None:
+        """Sleep out the rate window whose `limit` bytes are spent; what the last batch sent
+        beyond them counts against the next window."""
         end = self._rate_window_start + RATE_WINDOW_S
         while (left := end - time.monotonic()) > 0 and not self.cancel_requested:
             if urgent is not None:
@@ -441,7 +443,9 @@ class Outgoing(PostcopySource, PostcopyRecovery):
                     return  # queued page requests ignore the rate limit
             else:
                 time.sleep(min(left, 0.01))
-        self._rate_window_start, self._rate_bytes0 = time.monotonic(), self._sent()
+        sent = self._sent()
+        over = min(max(sent - self._rate_bytes0 - limit, 0), limit)
+        self._rate_window_start, self._rate_bytes0 = time.monotonic(), sent - over
 
     # -- completion (postcopy: outgoing_postcopy.py; recovery: outgoing_recovery.py)
     def _await_shut(self, where: str) -> None:

@@ -163,10 +163,10 @@ class PostcopySource:
                 sender.send(idx)
             w.write(WR.eos() + WS.section_footer(RAM_SECTION_ID))
             w.flush()
+            if throttled:  # before _account, which would start a new window with its quota unused
+                self._wait_rate_window(limit, urgent=self.wakeup)
             self._account()
             self.stats.postcopy_bytes = self._sent() - self.stats.precopy_bytes
-            if throttled:
-                self._wait_rate_window(urgent=self.wakeup)
 
     def _serve_requests(self) -> bool:
         """Send every queued requested page that is still dirty; True if any request was taken."""

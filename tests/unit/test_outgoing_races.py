@@ -284,3 +284,17 @@ def test_precopy_eta_with_a_zero_downtime_limit_is_endless_not_an_error():
     assert out._precopy_eta() == math.inf
     out.opts.set_parameters({"downtime-limit": 300})
     assert 0 < out._precopy_eta() < math.inf
+
+
+@pytest.mark.parametrize("limit", [20_000_000, 80_000_000])
+def test_max_bandwidth_holds_across_rate_windows(tmp_path, limit):
+    """max-bandwidth: what a window's last batch sends beyond its quota counts against the next
+    window, and a spent window is waited out before a new one starts (16 MiB of data pages)."""
+    vm = StandInVM()
+    out = outgoing(vm, f"file:{tmp_path}/mig.bin", **{"max-bandwidth": limit})
+    t0 = time.monotonic()
+    out.start()
+    out.thread.join(30)
+    rate = (tmp_path / "mig.bin").stat().st_size / (time.monotonic() - t0)
+    assert out.state.status == S.COMPLETED
+    assert 0.6 * limit < rate < 1.12 * limit, f"{rate / 1e6:.1f} MB/s against a limit of {limit / 1e6:.0f}"
