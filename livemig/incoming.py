@@ -535,10 +535,11 @@ class Incoming:
         m = self.machine
         for dev in m.devices():
             values = self.device_states.get((dev.idstr, dev.instance_id))
-            if values is None:
+            if values is None and not getattr(dev, "optional", False):
                 raise ProtocolError(f"migration stream has no state for device '{dev.idstr}' {dev.instance_id}")
         for dev in m.devices():
-            dev.load(self.device_states[(dev.idstr, dev.instance_id)])
+            if (values := self.device_states.get((dev.idstr, dev.instance_id))) is not None:
+                dev.load(values)
 
     def _preempt_loop(self) -> None:
         """mig/dst/preempt: the second connection carries requested pages only, as bare page

@@ -373,10 +373,13 @@ class VMProcess:
         inc.start()
 
     def _incoming_started(self) -> None:
-        """The migration brought the guest in: it runs now, unless `stop` (or -S) asked for it to
-        stay paused until `cont` (as QEMU: RESUME only when it starts)."""
+        """The migration brought the guest in: it runs now, unless it was stopped on the source or
+        `stop` (or -S) asked for it to stay paused until `cont` (as QEMU: RESUME only when it starts)."""
+        gs = getattr(self.machine, "globalstate", None)
         with self.lock:
-            if self.autostart:
+            if gs is not None and gs.received and gs.runstate != "running":
+                self.runstate = "paused"  # it was stopped on the source: it stays stopped here
+            elif self.autostart:
                 self.machine.start()
                 self.runstate = "running"
                 self.emit("RESUME", None)

@@ -530,6 +530,8 @@ class Outgoing(PostcopySource, PostcopyRecovery):
         return t_stop
 
     def _device_sections(self) -> bytes:
+        if (gs := getattr(self.machine, "globalstate", None)) is not None:
+            gs.runstate = "running" if self.was_running else "paused"  # as the guest was before us
         out = bytearray()
         for i, dev in enumerate(self.machine.devices(), start=1):
             out += WS.section_header(WS.Section.FULL, i, dev.idstr, dev.instance_id, dev.vmsd.version_id)

@@ -1,4 +1,5 @@
-"""Devices of the KVM machine: the vCPU state, a 16550 UART, the CMOS/RTC and port 0x92.
+"""Devices of the KVM machine: the vCPU state, a 16550 UART, the CMOS/RTC and port 0x92; and the
+run state a migration carries (QEMU's globalstate).
 
 Every device has ``idstr``, ``instance_id``, ``vmsd`` (a VMStateDescription whose fields are the keys
 of the dict that ``save()`` returns and ``load()`` takes) and is saved/loaded only while the vCPU is
@@ -12,7 +13,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ..errors import GuestError
+from ..errors import GuestError, ProtocolError
 from ..wire.vmstate import Field, VMStateDescription
 from . import kvm
 from .chardev import CharBackend
@@ -663,3 +664,38 @@ class Port92:
 
     def load(self, d: dict[str, Any]) -> None:
         self.outport = int(d["outport"]) & 0xFE
+
+
+# ---------------------------------------------------------------------------------------------
+# The run state the guest had on the source (QEMU's "globalstate" section, 7.2 layout)
+
+GLOBALSTATE_VMSD = VMStateDescription("globalstate", 1, (Field("size", "uint32"), Field("runstate", "buffer", size=100)))
+RUNSTATES = frozenset(("debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate", "prelaunch",
+                       "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended",
+                       "watchdog", "guest-panicked", "colo"))
+
+
+class GlobalState:
+    """Not hardware: the run state the source's guest had when the migration began, so that a
+    guest stopped there stays stopped on the destination. Optional on load: a stream without it
+    comes from a running guest, as QEMU assumes."""
+
+    idstr = "globalstate"
+    vmsd = GLOBALSTATE_VMSD
+    optional = True
+
+    def __init__(self, instance_id: int = 0) -> None:
+        self.instance_id = instance_id
+        self.runstate = "running"
+        self.received = False
+
+    def save(self) -> dict[str, Any]:
+        name = self.runstate.encode("ascii")
+        return {"size": len(name) + 1, "runstate": name.ljust(100, b"\0")}
+
+    def load(self, d: dict[str, Any]) -> None:
+        size, raw = int(d["size"]), bytes(d["runstate"])
+        name = raw[:max(size - 1, 0)].split(b"\0")[0].decode("ascii", "replace")
+        if not 0 < size <= len(raw) or name not in RUNSTATES:
+            raise ProtocolError(f"globalstate: invalid runstate {name!r} (size {size})")
+        self.runstate, self.received = name, True

@@ -25,7 +25,7 @@ from ..threadname import NamedThread, VCPU_THREAD_NAME, set_thread_name
 from . import kvm
 from .chardev import open_chardev
 from . import linux_boot, pvm_compat
-from .devices import CmosRtc, CpuState, Port92, Serial16550
+from .devices import CmosRtc, CpuState, GlobalState, Port92, Serial16550
 from .kvm_devices import vm_devices
 
 KiB = 1024
@@ -170,8 +170,9 @@ class KvmMachine:
         self.rtc = CmosRtc(self.lowmem_size, self.highmem_size)
         self.port92 = Port92(on_reset=self._reset_request)
         pio = [self.serial, self.rtc, self.port92]
+        self.globalstate = GlobalState()  # the run state a migration carries
         # load order: in-kernel chips and clock, then the vCPU (LAPIC, MSRs), then the rest
-        self._devices = (vm_devices(self._vm) if self.linux else []) + [self.cpu] + pio
+        self._devices = (vm_devices(self._vm) if self.linux else []) + [self.cpu] + pio + [self.globalstate]
         self._ports: dict[int, object] = {}
         for d in pio:
             for p in d.ports:

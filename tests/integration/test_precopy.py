@@ -168,3 +168,21 @@ def test_a_destination_stopped_before_the_migration_waits_for_cont(vms):
     dst.cmd("cont")
     assert len(dst.events("RESUME")) == 1
     assert_migrated(src, dst, 64 * MiB, 8)
+
+
+def test_a_guest_stopped_on_the_source_stays_stopped_on_the_destination(vms):
+    """The stream carries the source guest's run state (QEMU's globalstate section): a guest the
+    user had stopped arrives paused, with no RESUME, and runs after `cont`."""
+    src = vms("src", memory="64M", ws_mib=8)
+    dst = vms("dst", memory="64M", incoming="defer")
+    src.wait_passes(2)
+    src.cmd("stop")
+    info = migrate(src, dst)
+    assert info["status"] == "completed", info
+    assert dst.wait_status({"completed", "failed"}, timeout=30)["status"] == "completed"
+    assert dst.cmd("query-status")["status"] == "paused" and not dst.events("RESUME")
+    before = len(dst.output())
+    time.sleep(0.5)
+    assert len(dst.output()) == before, "the guest ran on the destination before cont"
+    dst.cmd("cont")
+    assert_migrated(src, dst, 64 * MiB, 8)

@@ -92,7 +92,7 @@ def test_linux_machine_devices_in_restore_order(linux_machines):
     m = linux_machines()
     names = [d.idstr for d in m.devices()]
     assert names == ["kvm-pit", "kvmclock", "kvm-i8259", "kvm-i8259", "kvm-ioapic", "cpu", "serial",
-                     "mc146818rtc", "port92"]
+                     "mc146818rtc", "port92", "globalstate"]
     cpu = m.devices()[5].save()
     assert {"cpu/lapic", "cpu/xsave", "cpu/xcrs", "cpu/debugregs", "cpu/msrs", "cpu/tsc"} <= set(cpu)
     assert cpu["cpu/msrs"]["count"] > 0 and cpu["cpu/tsc"]["tsc_khz"] > 0

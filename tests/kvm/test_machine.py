@@ -285,7 +285,7 @@ def test_save_load_device_state_roundtrip(machines):
     m = machines(4 * MiB)
     m.load_boot_sector(make_image(1))
     devs = m.devices()
-    assert [d.idstr for d in devs] == ["cpu", "serial", "mc146818rtc", "port92"]
+    assert [d.idstr for d in devs] == ["cpu", "serial", "mc146818rtc", "port92", "globalstate"]
     for d in devs:
         st = d.save()
         assert set(st) == {f.name for f in d.vmsd.fields}

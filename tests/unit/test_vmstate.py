@@ -206,3 +206,25 @@ def test_random_descriptions_round_trip(pair):
     d = describe(vmsd)
     assert sum(f["size"] * f.get("array_len", 1) for f in d["fields"]) == vmsd.fixed_size
     json.dumps(d)
+
+
+def test_globalstate_carries_the_run_state_in_qemus_layout():
+    """QEMU 7.2's globalstate section: a uint32 size (name + NUL) and a 100-byte zero-padded name."""
+    import pytest
+    from livemig.errors import ProtocolError
+    from livemig.machine.devices import GlobalState
+    from livemig.wire.cursor import Cursor
+    from livemig.wire.vmstate import decode, encode
+    src = GlobalState()
+    src.runstate = "paused"
+    raw = encode(src.vmsd, src.save())
+    assert raw == b"\x00\x00\x00\x07" + b"paused".ljust(100, b"\0")
+    dst = GlobalState()
+    assert not dst.received and dst.runstate == "running"
+    dst.load(decode(dst.vmsd, Cursor(raw)))
+    assert dst.received and dst.runstate == "paused"
+    for bad in ({"size": 7, "runstate": b"bogus\0".ljust(100, b"\0")},
+                {"size": 200, "runstate": b"paused".ljust(100, b"\0")},
+                {"size": 0, "runstate": bytes(100)}):
+        with pytest.raises(ProtocolError, match="globalstate: invalid runstate"):
+            GlobalState().load(bad)
