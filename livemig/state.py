@@ -40,23 +40,26 @@ class MigrationState:
         self._status = NONE
         self._cond = threading.Condition()
         self._on_change = on_change
+        self._order = threading.Lock()  # changes are announced in the order they happen
 
     @property
     def status(self) -> str:
         return self._status
 
     def set(self, old: str | set[str], new: str) -> bool:
-        """Move to `new` if the current status is `old` (or in it); False if it is not."""
-        with self._cond:
-            olds = {old} if isinstance(old, str) else old
-            if self._status not in olds:
-                return False
-            if new not in TRANSITIONS[self._status]:
-                raise AssertionError(f"illegal migration transition {self._status} -> {new}")
-            self._status = new
-            self._cond.notify_all()
-        if self._on_change:
-            self._on_change(new)
+        """Move to `new` if the current status is `old` (or in it); False if it is not. The
+        listener hears of it before another change can happen (it must not change the state)."""
+        with self._order:
+            with self._cond:
+                olds = {old} if isinstance(old, str) else old
+                if self._status not in olds:
+                    return False
+                if new not in TRANSITIONS[self._status]:
+                    raise AssertionError(f"illegal migration transition {self._status} -> {new}")
+                self._status = new
+                self._cond.notify_all()
+            if self._on_change:
+                self._on_change(new)
         return True
 
     def wait_for(self, statuses: set[str], timeout: float | None = None) -> str:

@@ -304,6 +304,36 @@ def test_compare_and_set():
     assert changes == [S.SETUP, S.ACTIVE] and m.status == S.ACTIVE
 
 
+def test_changes_are_announced_in_the_order_they_happen():
+    """A change made while the listener still announces the one before it waits for it: a client
+    never sees 'cancelling' after 'cancelled'."""
+    heard = []
+    first_heard = threading.Event()
+    m = S.MigrationState()
+
+    def slow_listener(status: str) -> None:
+        if status == S.CANCELLING:
+            first_heard.set()
+            time.sleep(0.2)  # the QMP thread is slow to send its event
+        heard.append(status)
+
+    m._on_change = slow_listener
+    reach_into(m, S.ACTIVE)
+    t = threading.Thread(target=m.set, args=(S.ACTIVE, S.CANCELLING))
+    t.start()
+    first_heard.wait(5)
+    assert m.set(S.CANCELLING, S.CANCELLED)  # the migration thread, meanwhile
+    t.join()
+    assert heard[-2:] == [S.CANCELLING, S.CANCELLED]
+
+
+def reach_into(m: S.MigrationState, status: str) -> None:
+    for a, b in ((S.NONE, S.SETUP), (S.SETUP, S.ACTIVE)):
+        if m.status == status:
+            return
+        m.set(a, b)
+
+
 def test_wait_for():
     m = reach(S.ACTIVE)
     t0 = time.monotonic()
