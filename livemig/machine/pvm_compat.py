@@ -148,9 +148,12 @@ class EmulationFixups:
     Guest memory is read and written with ctypes.memmove, which drops the GIL: in postcopy a page
     may still be missing, and a fault taken while holding the GIL would deadlock the process."""
 
-    def __init__(self, vcpu: kvm.KvmVcpu, host_address: Callable[[int], int]) -> None:
+    def __init__(self, vcpu: kvm.KvmVcpu, host_address: Callable[[int], int],
+                 wrote: Callable[[int], None] = lambda gpa: None) -> None:
+        """`wrote(gpa)`: told of every guest byte written here (KVM's dirty log never sees it)."""
         self.vcpu = vcpu
         self.host_address = host_address
+        self.wrote = wrote
         self.counts: dict[str, int] = {}
 
     def _copy(self, linear: int, data: bytearray, write: bool) -> bool:
@@ -161,6 +164,7 @@ class EmulationFixups:
             cell = (ctypes.c_char * 1).from_buffer(data, k)
             if write:
                 ctypes.memmove(self.host_address(gpa), cell, 1)
+                self.wrote(gpa)
             else:
                 ctypes.memmove(cell, self.host_address(gpa), 1)
             del cell

@@ -97,6 +97,8 @@ class KvmMachine:
         self._dead = False
         self._started = False
         self._dirty_logging = False
+        self._vmm_dirty: set[int] = set()  # pages this process wrote for the guest since the last sync
+        self._vmm_dirty_lock = threading.Lock()
         self._manual_protect = False
         self.fatal_message: str | None = None
         try:
@@ -157,7 +159,7 @@ class KvmMachine:
         if self.pvm:
             cpuid = pvm_compat.adjust_cpuid(cpuid)
             self._fixups = pvm_compat.EmulationFixups(
-                self._vcpu, lambda gpa: self.ram_host_addr + self.gpa_to_offset(gpa))
+                self._vcpu, lambda gpa: self.ram_host_addr + self.gpa_to_offset(gpa), self._vmm_wrote)
         self._vcpu.set_cpuid2(cpuid)
 
         self._chardev = open_chardev(serial)
@@ -513,7 +515,18 @@ class KvmMachine:
             self._vm.get_dirty_log(slot, addr)
             if self._manual_protect and clear:
                 self._vm.clear_dirty_log(slot, 0, size // PAGE, addr)
+        with self._vmm_dirty_lock:
+            mine, self._vmm_dirty = self._vmm_dirty, set()
+        if mine:  # writes made here (emulated instructions) that KVM's log cannot see
+            pages = np.fromiter(mine, dtype=np.int64, count=len(mine))
+            np.bitwise_or.at(bitmap, pages // 64, np.left_shift(np.uint64(1), (pages % 64).astype(np.uint64)))
         return bitmap
+
+    def _vmm_wrote(self, gpa: int) -> None:
+        """A guest byte at `gpa` was written by this process (not by the guest through KVM)."""
+        if self._dirty_logging:
+            with self._vmm_dirty_lock:
+                self._vmm_dirty.add(self.gpa_to_offset(gpa) // PAGE)
 
     # -- devices --------------------------------------------------------------------------
     def devices(self) -> list:
