@@ -18,6 +18,7 @@ import errno
 import os
 import select
 import socket
+import sys
 import threading
 from typing import Callable
 
@@ -75,9 +76,15 @@ class FileBackend(CharBackend):
         fd = self.fd
         if fd < 0:
             return
-        while data:
-            n = os.write(fd, data)
-            data = data[n:]
+        try:
+            while data:
+                n = os.write(fd, data)
+                data = data[n:]
+        except OSError as e:  # a full or failing disk loses console output, not the guest
+            self.fd = -1
+            os.close(fd)
+            print(f"livemig: chardev {self.spec}: {e.strerror or e}; its output is dropped from here",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -92,6 +99,8 @@ class StdioBackend(CharBackend):
         super().__init__()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._out = select.poll()
+        self._out.register(1, select.POLLOUT)
 
     def set_input_handler(self, cb: InputCallback | None, room: RoomCallback | None = None) -> None:
         super().set_input_handler(cb, room)
@@ -115,8 +124,10 @@ class StdioBackend(CharBackend):
                 cb(data)
 
     def write(self, data: bytes) -> None:
+        """Output that stdout cannot take now (a stalled pipe or a terminal paused with ^S) is
+        dropped: a blocked write would hold the vCPU thread, and with it pause, migration and quit."""
         try:
-            while data:
+            while data and self._out.poll(0):
                 n = os.write(1, data)
                 data = data[n:]
         except OSError:

@@ -384,11 +384,13 @@ class Serial16550:
                 self._write(bytes((val,)))
             if self.ier & UART_IER_THRI or self.thr_ipending:
                 # QEMU semantics: the THR-empty interrupt drops on the write and comes back
-                # once the character is gone (immediately here), giving the line an edge.
-                self.thr_ipending = 0
-                self._update_irq()
-                self.thr_ipending = 1
-                self._update_irq()
+                # once the character is gone (immediately here), giving the line an edge. Under
+                # the lock: the input thread's receive() must not set the line in between
+                with self._lock:
+                    self.thr_ipending = 0
+                    self._update_irq()
+                    self.thr_ipending = 1
+                    self._update_irq()
             return
         with self._lock:
             if off == 0:

@@ -3,6 +3,7 @@ input that the guest reads slowly waits in the socket instead of being lost to a
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -63,3 +64,25 @@ def test_room_wakes_when_the_guest_reads(tmp_path):
         assert uart.room(0) == 1
     finally:
         backend.close()
+
+
+def test_input_during_a_transmit_edge_leaves_the_interrupt_line_as_the_uart_says():
+    """The guest writes THR (the THR-empty interrupt drops and comes back: two line changes) while
+    the input thread receives a byte. The line KVM last heard must agree with the UART's model,
+    or no edge ever comes again and the console stops (replays the interleaving)."""
+    from livemig.machine.chardev import NullBackend
+    line: list[int] = []
+    fired, done = [], threading.Event()
+
+    def irq(level: int) -> None:
+        if level == 0 and not fired:  # the input thread gets in between the model and the line
+            fired.append(1)
+            threading.Thread(target=lambda: (uart.receive(b"x"), done.set())).start()
+            done.wait(0.3)  # it finishes now unless the transmit path holds the UART's lock
+        line.append(level)
+
+    uart = Serial16550(NullBackend(), irq_handler=irq)
+    uart.pio_write(BASE + 1, 1, 0x03)  # IER: receive data and THR empty
+    uart.pio_write(BASE, 1, ord("a"))
+    assert done.wait(5)
+    assert uart.lsr & UART_LSR_DR and uart.irq_level == 1 and line[-1] == 1, (line, uart.irq_level)
