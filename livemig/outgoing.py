@@ -161,7 +161,7 @@ class Outgoing(PostcopySource, PostcopyRecovery):
                 if st == S.DEVICE:
                     # a blocked send fails; what is queued still goes, so if the stream (or the
                     # package) was queued whole the destination's answer decides, as it must
-                    self.chan.shutdown_write()
+                    self.chan.shutdown_write(wait=False)  # under the QMP and switch locks
                 else:
                     self.chan.shutdown()
 

@@ -467,9 +467,14 @@ class TlsChannel(Channel):
         self._aborted = True
         super().shutdown()
 
-    def shutdown_write(self) -> None:
-        """No more data from us: close_notify, then the socket's write side."""
-        with self._send_lock:
+    def shutdown_write(self, wait: bool = True) -> None:
+        """No more data from us: close_notify, then the socket's write side. `wait=False` (a
+        cancel): never block; if a send is under way, or close_notify does not fit the socket,
+        the write side just closes, and the blocked send fails as on a plain socket."""
+        if not self._send_lock.acquire(blocking=wait):
+            super().shutdown_write()
+            return
+        try:
             with self._lock:
                 try:
                     self._ssl.unwrap()
@@ -478,9 +483,14 @@ class TlsChannel(Channel):
                 data = self._unsent + self._out.read()
                 self._unsent = b""
             try:
-                self.sock.sendall(data)
+                if wait:
+                    self.sock.sendall(data)
+                elif data:
+                    self.sock.send(data, socket.MSG_DONTWAIT)
             except OSError:
                 pass
+        finally:
+            self._send_lock.release()
         super().shutdown_write()
 
     def close(self) -> None:

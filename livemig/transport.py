@@ -183,8 +183,9 @@ class Channel:
             except OSError:
                 pass
 
-    def shutdown_write(self) -> None:
-        """No more data from us (the peer reads EOF once it has drained what was sent)."""
+    def shutdown_write(self, wait: bool = True) -> None:
+        """No more data from us (the peer reads EOF once it has drained what was sent); a send
+        blocked meanwhile fails. `wait`: see TlsChannel (plain sockets never wait)."""
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_WR)

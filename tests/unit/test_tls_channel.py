@@ -310,3 +310,29 @@ def test_credentials_objects(pki, tmp_path):
         (garbage / f).write_bytes(os.urandom(64))
     with pytest.raises(MigrationError, match="Unable to load TLS credentials"):
         parse_object(f"tls-creds-x509,id=t,dir={garbage},endpoint=server")
+
+
+def test_a_cancel_closes_the_write_side_while_a_send_is_blocked(pki):
+    """migrate_cancel shuts the write side while the migration thread is blocked sending to a peer
+    that reads nothing: it must return at once (it runs under the QMP lock) and the send fail,
+    as on a plain socket."""
+    srv, cli = tls_pair(endpoint(pki["good"], "server"), endpoint(pki["good"], "client"))
+    failed = threading.Event()
+
+    def writer() -> None:
+        try:
+            cli.sendall(b"x" * (64 << 20))  # far more than the socket buffers hold
+        except Exception:
+            failed.set()
+    threading.Thread(target=writer, daemon=True).start()
+    threading.Event().wait(0.3)  # the writer is blocked now, holding the send lock
+    done = threading.Event()
+    threading.Thread(target=lambda: (cli.shutdown_write(wait=False), done.set()), daemon=True).start()
+    try:
+        assert done.wait(5), "shutdown_write(wait=False) blocked behind the stuck send"
+        assert failed.wait(5), "the blocked send did not fail"
+    finally:
+        cli.shutdown()
+        srv.shutdown()
+        cli.close()
+        srv.close()
