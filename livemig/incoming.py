@@ -480,6 +480,10 @@ class Incoming:
             self._load_devices()
         except Exception as e:
             self.run_error = f"loading the device state failed: {e}"
+            try:  # the guest never started here: the source must fail (and may run it again),
+                self._send_rp(RPW.shut(1))  # not take the cut below for a link to recover
+            except Exception:
+                pass
             if self.chan is not None:
                 self.chan.shutdown()  # the loader stops and fails the migration with run_error
             return

@@ -187,3 +187,40 @@ def test_a_multifd_channel_that_stalls_in_its_init_packet_fails_the_migration(de
         assert "less than" in (inc.error or ""), inc.error
     finally:
         stalled.close()
+
+
+@needs_uffd
+def test_a_device_state_that_fails_to_load_after_run_tells_the_source(dest, monkeypatch):
+    """POSTCOPY_RUN, then a device refuses its state: the guest never started here, so the source
+    must hear SHUT(1) (it fails and may run its guest again), not a bare cut that it would take
+    for a link to recover."""
+    from livemig.errors import GuestError
+    from livemig.wire import returnpath as RP
+    from livemig.wire.vmstate import Field, VMStateDescription, encode
+
+    class Refuses:
+        idstr, instance_id = "bad", 0
+        vmsd = VMStateDescription("bad", 1, (Field("x", "uint8"),))
+
+        def save(self) -> dict:
+            return {"x": 0}
+
+        def load(self, d: dict) -> None:
+            raise GuestError("state refused")
+
+    monkeypatch.setattr(StandInVM, "devices", lambda self: [Refuses()])
+    inc, vm, src = dest(("postcopy-ram",))
+    src.sendall(postcopy_start() + all_pages_as_zero() + WS.command(WS.Cmd.POSTCOPY_LISTEN)
+                + WS.section_header(WS.Section.FULL, 1, "bad", 0, 1) + encode(Refuses.vmsd, {"x": 1})
+                + WS.section_footer(1) + WS.command(WS.Cmd.POSTCOPY_RUN))
+    assert wait_for(inc, {S.FAILED}) == S.FAILED and "state refused" in inc.error, inc.error
+    src.settimeout(10)
+    got = bytearray()
+    while chunk := src.recv(4096):
+        got += chunk
+    dec = RP.RPDecoder()
+    dec.feed(bytes(got))
+    msgs = []
+    while (m := dec.next_message()) is not None:
+        msgs.append(m)
+    assert RP.Shut(1) in msgs and vm.started == 0, msgs
