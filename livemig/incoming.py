@@ -110,13 +110,16 @@ class Incoming:
             self.chan.shutdown()
 
     def recover(self, uri: URI) -> None:
-        """migrate-recover: listen on `uri` for the source's new connection."""
-        if self.recover_listener is not None:
-            raise MigrationError("Migrate recovery is triggered already")
+        """migrate-recover: listen on `uri` for the source's new connection. Again while the
+        source has not connected (a wrong address, say): the new listener replaces the old one,
+        as in QEMU."""
         if uri.scheme not in ("tcp", "unix"):
             raise MigrationError("postcopy recovery needs a tcp: or unix: URI")
-        self.recover_listener = Listener(uri, self.tls)  # bound now: errors reach the caller
+        new = Listener(uri, self.tls)  # bound now: errors reach the caller (the old one stays)
+        old, self.recover_listener = self.recover_listener, new
         self.recover_event.set()
+        if old is not None:
+            old.close()  # wakes the loader from accepting on it; it takes the new one
 
     def _can_pause(self) -> bool:
         return self.running_guest and self.state.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER)
@@ -148,13 +151,19 @@ class Incoming:
             self.recover_event.wait()
             self.recover_event.clear()
             listener = self.recover_listener
-            assert listener is not None
+            if listener is None:
+                continue
             try:
                 chan = listener.accept(keep_open=self.opts.cap("postcopy-preempt"))
             except TransportError as e:
+                if self.recover_listener is not listener:
+                    continue  # a newer migrate-recover replaced it
                 listener.close()
                 self.recover_listener = None
                 print(f"livemig: postcopy recovery: {e}", file=sys.stderr, flush=True)
+                continue
+            if self.recover_listener is not listener:  # replaced just as the source came in on it
+                chan.close()
                 continue
             break
         self._close_listener()

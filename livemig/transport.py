@@ -286,6 +286,8 @@ class Listener:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.sock.bind(uri.path)
                 self.sock.listen(16)
+                st = os.stat(uri.path)
+                self._inode = (st.st_dev, st.st_ino)  # close() unlinks the path only while it is ours
             elif uri.scheme == "fd":
                 self.fd = uri.fd
                 os.fstat(uri.fd)
@@ -339,7 +341,9 @@ class Listener:
             self.sock = None
             if self.uri.scheme == "unix":
                 try:
-                    os.unlink(self.uri.path)
+                    st = os.stat(self.uri.path)
+                    if (st.st_dev, st.st_ino) == getattr(self, "_inode", None):
+                        os.unlink(self.uri.path)
                 except OSError:
                     pass
 

@@ -68,6 +68,21 @@ def test_failed_resume_goes_back_to_paused_and_retries(vms, tmp_path):
     assert_migrated(src, dst, 256 * MiB, 0)
 
 
+@pytest.mark.parametrize("same_path", [False, True], ids=["new-address", "same-address"])
+def test_migrate_recover_again_replaces_an_address_the_source_never_reached(vms, tmp_path, same_path):
+    """migrate-recover on an address the source cannot reach, then again on one it can (or the same
+    one): as in QEMU the second replaces the first, and recovery completes."""
+    src, dst = _postcopy_under_way(vms, tmp_path)
+    src.cmd("migrate-pause")
+    _both_paused(src, dst)
+    first = f"unix:{tmp_path}/{'recover' if same_path else 'unreachable'}.sock"
+    dst.cmd("migrate-recover", uri=first)
+    _recover(src, dst, f"unix:{tmp_path}/recover.sock")
+    info = src.wait_status({"completed", "failed"})
+    assert info["status"] == "completed", info
+    assert_migrated(src, dst, 256 * MiB, 0)
+
+
 @pytest.mark.parametrize("same_path,urgent", [(False, False), (True, False), (False, True)],
                          ids=["new-address", "same-address", "urgent-processes"])
 def test_recover_twice_with_preempt(vms, tmp_path, same_path, urgent):
