@@ -562,12 +562,17 @@ class KvmMachine:
         if self._system is not None:
             self._system.close()
             self._system = None
-        if self.ram is not None:
-            try:
-                self.ram.close()
-            except BufferError:
-                pass  # views are still exported; the mapping goes when they do
-            self.ram = None
+        for name in ("ram", "ram_alias"):
+            mapping = getattr(self, name)
+            if mapping is not None:
+                try:
+                    mapping.close()
+                except BufferError:
+                    pass  # views are still exported; the mapping goes when they do
+                setattr(self, name, None)
+        if self.ram_fd is not None:  # the memfd holds guest RAM until its last reference goes
+            os.close(self.ram_fd)
+            self.ram_fd = None
 
     def take_ram_alias(self) -> mmap.mmap | None:
         """Hand the second mapping of guest RAM over (to a postcopy destination, which unmaps it

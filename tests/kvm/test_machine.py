@@ -424,3 +424,16 @@ def test_fatal_exit_reported(tmp_path):
         assert not m.running
     finally:
         m.close()
+
+
+def test_closing_a_memfd_machine_releases_its_file_and_mappings():
+    """Guest RAM on a memfd: close() closes the file and both mappings (else each machine made in a
+    process would pin its whole RAM until the process ends)."""
+    before = set(os.listdir("/proc/self/fd"))
+    m = KvmMachine(4 * MiB, memfd=True)
+    assert m.ram_fd is not None and m.ram_alias is not None
+    m.close()
+    assert m.ram_fd is None and m.ram_alias is None
+    assert set(os.listdir("/proc/self/fd")) <= before
+    maps = open("/proc/self/maps").read()
+    assert "livemig-guest-ram" not in maps
