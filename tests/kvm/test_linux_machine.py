@@ -141,13 +141,8 @@ def test_load_linux_refuses_bad_input(linux_machines):
         sect.load_linux(lb.load_kernel(_elf(PROGRAM)), b"", "")
 
 
-# LDMXCSR/STMXCSR at CPL0 (kvm_pvm's emulator stops on both; livemig's fixups finish them there)
-MXCSR_PROGRAM = bytes.fromhex(
-    "c78600010000809f0000"  # mov dword [rsi+0x100], 0x9f80 (default MXCSR with FZ)
-    "0fae9600010000"        # ldmxcsr [rsi+0x100]
-    "0fae9e04010000"        # stmxcsr [rsi+0x104]
-    "8b8604010000"          # mov eax, [rsi+0x104]
-    "3d809f0000"            # cmp eax, 0x9f80
+# after a cmp: print 'M' if equal, else 'X', on COM1, then spin
+SAY_M_IF_EQUAL = bytes.fromhex(
     "b04d"                  # mov al, 'M'
     "7402"                  # je +2
     "b058"                  # mov al, 'X'
@@ -156,15 +151,33 @@ MXCSR_PROGRAM = bytes.fromhex(
     "ebfe"                  # jmp $
 )
 
+# LDMXCSR/STMXCSR at CPL0 (kvm_pvm's emulator stops on both; livemig's fixups finish them there)
+MXCSR_PROGRAM = bytes.fromhex(
+    "c78600010000809f0000"  # mov dword [rsi+0x100], 0x9f80 (default MXCSR with FZ)
+    "0fae9600010000"        # ldmxcsr [rsi+0x100]
+    "0fae9e04010000"        # stmxcsr [rsi+0x104]
+    "8b8604010000"          # mov eax, [rsi+0x104]
+    "3d809f0000"            # cmp eax, 0x9f80
+) + SAY_M_IF_EQUAL
 
-def test_mxcsr_round_trip_at_cpl0(linux_machines, tmp_path):
+
+def _run_to_verdict(linux_machines, tmp_path, program: bytes, dirty_log: bool = False):
+    """Run `program` until it prints its verdict ('M' expected), then pause; the machine."""
     out = tmp_path / "serial"
     m = linux_machines(f"file:{out}")
-    m.load_linux(lb.load_kernel(_elf(MXCSR_PROGRAM)), b"", "")
+    m.load_linux(lb.load_kernel(_elf(program)), b"", "")
+    if dirty_log:
+        m.dirty_log_start()
+        m.dirty_log_sync()  # start from a clean log
     m.start()
     _wait(lambda: out.exists() and out.stat().st_size >= 1)
     assert out.read_bytes() == b"M"
     m.pause()
+    return m
+
+
+def test_mxcsr_round_trip_at_cpl0(linux_machines, tmp_path):
+    m = _run_to_verdict(linux_machines, tmp_path, MXCSR_PROGRAM)
     xsave = [d for d in m.devices() if d.idstr == "cpu"][0].save()["cpu/xsave"]["xsave"]
     assert struct.unpack_from("<I", xsave, 24)[0] == 0x9F80  # MXCSR in the legacy region
 
@@ -175,25 +188,11 @@ STMXCSR_ELSEWHERE = bytes.fromhex(
     "0fae9e04110000"        # stmxcsr [rsi+0x1104]
     "8b8604110000"          # mov eax, [rsi+0x1104]
     "3d801f0000"            # cmp eax, 0x1f80 (the reset MXCSR)
-    "b04d"                  # mov al, 'M'
-    "7402"                  # je +2
-    "b058"                  # mov al, 'X'
-    "66baf803"              # mov dx, 0x3f8
-    "ee"                    # out dx, al
-    "ebfe"                  # jmp $
-)
+) + SAY_M_IF_EQUAL
 
 
 def test_a_guest_page_written_for_the_guest_by_an_emulated_store_is_dirty(linux_machines, tmp_path):
-    out = tmp_path / "serial"
-    m = linux_machines(f"file:{out}")
-    m.load_linux(lb.load_kernel(_elf(STMXCSR_ELSEWHERE)), b"", "")
-    m.dirty_log_start()
-    m.dirty_log_sync()  # start from a clean log
-    m.start()
-    _wait(lambda: out.exists() and out.stat().st_size >= 1)
-    assert out.read_bytes() == b"M"
-    m.pause()
+    m = _run_to_verdict(linux_machines, tmp_path, STMXCSR_ELSEWHERE, dirty_log=True)
     rsi = [d for d in m.devices() if d.idstr == "cpu"][0].save()["rsi"]
     page = m.gpa_to_offset(rsi + 0x1104) // 4096
     bitmap = m.dirty_log_sync()
