@@ -173,12 +173,11 @@ class PostcopySource:
         took = False
         if self.requests:
             self.wakeup.clear()  # before the drain: a request queued from here on sets it again
-        hp = self.sender.host_pages
         while self.requests:
             start, length = self.requests.popleft()
             took = True
-            for first in range(start // TPS, (start + length) // TPS, hp):  # a host page at a time:
-                idx = self.sender.take(first, hp)  # its ZERO and PAGE records go together
+            for first, count in self.sender.host_page_spans(start // TPS, length // TPS):
+                idx = self.sender.take(first, count)
                 if idx.size:
                     self.sender.send(idx)
         if took:

@@ -174,6 +174,15 @@ class RamSender:
         """Target pages per host page of the block (512 for 2 MiB huge pages)."""
         return self.block.page_size // TPS
 
+    def host_page_spans(self, first: int, count: int) -> list[tuple[int, int]]:
+        """A request's pages as (first, count) spans to take and send one after the other: one
+        span, or with huge pages one a host page, so that each one's ZERO and PAGE records go
+        together (the destination assembles a host page at a time)."""
+        hp = self.host_pages
+        if hp == 1 or count <= hp:
+            return [(first, count)]
+        return [(h, hp) for h in range(first, first + count, hp)]
+
     def canonicalize(self) -> None:
         """Postcopy: a host page that is partly dirty is dirty as a whole (discards, sends and
         placement all work on whole host pages), and the scan restarts on a host-page boundary."""
@@ -221,10 +230,10 @@ class RamSender:
             if self.take_one(first) or resend:
                 chan.send_one(first)
             return
-        hp = self.block.page_size // TPS
-        if 1 < hp < count:  # several huge pages: one at a time, so each one's records go together
-            for h in range(first, first + count, hp):
-                self.send_requested(chan, h, hp, resend)
+        spans = self.host_page_spans(first, count)
+        if len(spans) > 1:
+            for h, n in spans:
+                self.send_requested(chan, h, n, resend)
             return
         idx = self.take(first, count)
         if not idx.size:

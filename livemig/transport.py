@@ -276,6 +276,7 @@ class Listener:
         self.tls = tls  # every accepted connection is a TLS server channel
         self.sock: socket.socket | None = None
         self.fd: int | None = None
+        self._inode: tuple[int, int] | None = None  # a unix socket file's, while it is ours
         try:
             if uri.scheme == "tcp":
                 self.sock = socket.create_server((uri.host, uri.port), reuse_port=False,
@@ -287,7 +288,7 @@ class Listener:
                 self.sock.bind(uri.path)
                 self.sock.listen(16)
                 st = os.stat(uri.path)
-                self._inode = (st.st_dev, st.st_ino)  # close() unlinks the path only while it is ours
+                self._inode = (st.st_dev, st.st_ino)  # close() unlinks the path only while it is this
             elif uri.scheme == "fd":
                 self.fd = uri.fd
                 os.fstat(uri.fd)
@@ -342,7 +343,7 @@ class Listener:
             if self.uri.scheme == "unix":
                 try:
                     st = os.stat(self.uri.path)
-                    if (st.st_dev, st.st_ino) == getattr(self, "_inode", None):
+                    if (st.st_dev, st.st_ino) == self._inode:
                         os.unlink(self.uri.path)
                 except OSError:
                     pass
